@@ -17,10 +17,6 @@ app = typer.Typer(
 )
 
 
-def not_implemented(command: str):
-    raise BdmError(f"'bdm {command}' is not implemented yet in this version")
-
-
 def _register():
     from bdm.cli import engine_cmds, export_cmds, upscale_cmds
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from bdm.cli.main import not_implemented
+from bdm.cli import not_implemented
 
 
 def upscale(
