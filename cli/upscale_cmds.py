@@ -1,26 +1,121 @@
-"""`bdm upscale`."""
+"""`bdm upscale` (the main job) and `bdm bench`."""
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from bdm.cli import not_implemented
+from bdm.errors import BdmError
+
+RELEASED_SCALE = 4  # the released BI-DiffSR checkpoint most users deploy is x4
+
+
+def _options_yaml(config: Optional[Path]) -> dict:
+    """The whole official options YAML (scale and beta_schedule live beside network_g), or {}."""
+    if config is None:
+        return {}
+    import yaml
+
+    try:
+        options = yaml.safe_load(Path(config).read_text())
+    except FileNotFoundError:
+        raise BdmError(f"--config {config}: no such file; pass the official options YAML") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BdmError(f"--config {config} is not a readable YAML file ({type(e).__name__}); "
+                       "pass the official options YAML") from None
+    return options if isinstance(options, dict) else {}
+
+
+def _schedule_options(options: dict) -> dict:
+    """ddim_schedule keyword arguments from an options YAML's beta_schedule (official key names)."""
+    beta = options.get("beta_schedule") or {}
+    if beta.get("scheduler_type", "DDIM") != "DDIM" or beta.get("schedule", "linear") != "linear":
+        raise BdmError(f"beta_schedule {beta.get('scheduler_type')}/{beta.get('schedule')} is not supported; "
+                       "bdm runs the official DDIM sampler with a linear schedule")
+    names = {"n_timestep": "num_train_timesteps", "linear_start": "beta_start", "linear_end": "beta_end"}
+    return {ours: beta[theirs] for theirs, ours in names.items() if theirs in beta}
+
+
+def _make_runner(engine, onnx, ckpt, config, plugins, device):
+    from bdm.runtime import backends
+
+    chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
+    if len(chosen) != 1:
+        raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
+                       f"(ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
+                       + (f" ({', '.join(chosen)})" if chosen else ""))
+    if engine:
+        return backends.trt_runner(engine, plugins=plugins)
+    if onnx:
+        return backends.OrtRunner(onnx)
+    return backends.TorchRunner(ckpt, config=config, device=device)
 
 
 def upscale(
-    inputs: Path = typer.Argument(..., help="An image, or a folder of images."),
-    output: Path = typer.Argument(..., help="Output image, or a folder when the input is a folder."),
+    inputs: Path = typer.Argument(..., help="An image (PNG/JPEG/WebP/TIFF), or a folder of images."),
+    output: Path = typer.Argument(..., help="Output image, or a folder (always a folder when the input is one)."),
     engine: Optional[Path] = typer.Option(None, help="TensorRT engine (backend: TensorRT)."),
     onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: ONNX Runtime; the CPU default)."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint (backend: the PyTorch reference)."),
-    config: Optional[Path] = typer.Option(None, help="Official options YAML for --ckpt."),
-    steps: int = typer.Option(50, help="DDIM steps (the original uses 50)."),
+    config: Optional[Path] = typer.Option(
+        None, help="Official options YAML: network for --ckpt; scale and beta_schedule for every backend."),
+    plugins: Optional[Path] = typer.Option(None, help="Plugin library for --engine (default: the built one)."),
+    device: Optional[str] = typer.Option(None, help="Device for --ckpt: cpu or cuda (default: cuda if present)."),
+    scale: Optional[int] = typer.Option(
+        None, min=1, help="Upscaling factor (default: the config's `scale`, else 4 as the released x4)."),
+    steps: Optional[int] = typer.Option(
+        None, help="DDIM steps (default: the config's num_inference_steps, else 50 as the original)."),
     seed: int = typer.Option(0, help="Seed of the initial noise (drawn on the host, identical for all backends)."),
+    noise_file: Optional[Path] = typer.Option(None, help="Replay the initial noise from a .npy [1,3,H,W] file."),
+    tile: Optional[int] = typer.Option(
+        None, help="Tile side in pixels (multiple of 8); default from --memory-budget, whole image if it fits."),
+    tile_overlap: Optional[int] = typer.Option(None, help="Tile overlap in pixels (default: a quarter tile)."),
+    memory_budget: Optional[int] = typer.Option(
+        None, help="MiB the network may use per call (default: a quarter of RAM, or the engine's)."),
+    format: str = typer.Option("png", "--format", help="Output format for folder outputs: png, jpg, webp, tif."),
+    overwrite: bool = typer.Option(False, help="Redo outputs that already exist (default: skip them)."),
 ):
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint."""
-    not_implemented("upscale")
+    from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
+
+    plan_outputs(inputs, output, format)  # bad paths fail before a model is loaded
+    if noise_file is not None and not noise_file.is_file():
+        raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
+    options = _options_yaml(config)
+    schedule = _schedule_options(options)
+    runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
+    if scale is None:
+        scale = options.get("scale") or getattr(runner, "metadata", {}).get("scale")
+        if scale is None:
+            print(f"bdm: no --scale and no scale in the config; using x{RELEASED_SCALE} (the released model)",
+                  file=sys.stderr)
+            scale = RELEASED_SCALE
+    if steps is None:
+        steps = (options.get("beta_schedule") or {}).get("num_inference_steps", 50)
+    settings = UpscaleSettings(
+        scale=int(scale), steps=int(steps), seed=seed, noise_file=noise_file, tile=tile, tile_overlap=tile_overlap,
+        memory_budget=memory_budget << 20 if memory_budget else None, fmt=format, overwrite=overwrite,
+        schedule=schedule)
+    summary = run_job(runner, inputs, output, settings)
+    for path in summary.written:
+        print(path)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def bench(
+    steps: int = typer.Option(50, help="DDIM steps per run."),
+    size: int = typer.Option(64, help="LR side in pixels; x4 gives the network input size (64 -> 256)."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. torch-cpu,ort-cpu."),
+):
+    """Per-step and end-to-end time and peak memory of every backend available here (released x4 network,
+    random weights built locally: nothing is downloaded)."""
+    from bdm.runtime.bench import main as bench_main
+
+    bench_main(steps=steps, size=size, only=backends.split(",") if backends else None)
 
 
 def register(app: typer.Typer):
     app.command()(upscale)
+    app.command()(bench)

@@ -1,0 +1,164 @@
+"""Noise-predictor backends behind one small interface (Polygraphy style):
+
+    runner.infer({"x_t": x, "cond": c, "t": t}) -> {"eps": eps}
+
+x_t, cond: float32 [N, 3, H, W] (H, W multiples of 8); t: int64 [N] (one timestep for the whole batch, or
+[1], broadcast); eps: float32 [N, 3, H, W]. Each runner also states what it accepts (`Limits`: batch, the
+smallest/largest H and W, the dtype it computes in) and where the sampler state should live
+(`to_device` / `to_host`: identity for host backends; the TensorRT runner keeps it on the GPU).
+
+- `TorchRunner`: the PyTorch reference model (`bdm.load_model`), on CPU or a CUDA GPU.
+- `OrtRunner`: an exported ONNX file in ONNX Runtime, with the CUDA execution provider when
+  onnxruntime-gpu offers it, else the CPU provider.
+- `TrtRunner` (runtime/trt_backend.py, needs TensorRT): a serialized engine with the bdm plugins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from bdm.errors import BdmError
+
+INPUT_NAMES = ("x_t", "cond", "t")
+OUTPUT_NAME = "eps"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a runner accepts. None means no limit."""
+
+    dtype: str = "float32"                       # precision the network computes in
+    max_batch: Optional[int] = None              # tiles per call; 1 = no batching
+    min_hw: Tuple[int, int] = (8, 8)
+    max_hw: Optional[Tuple[int, int]] = None     # e.g. a TensorRT optimisation profile's max shape
+    memory_budget: Optional[int] = None          # bytes the network may use; None: the host default
+
+
+def host_memory_budget() -> int:
+    """A quarter of physical memory: room for the activations next to everything else on the machine."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class Runner:
+    """Base class: host (numpy) arrays, no shape limits. Subclasses implement `infer`."""
+
+    name = "runner"
+    limits = Limits()
+
+    def describe(self) -> str:
+        return self.name
+
+    def to_device(self, array: np.ndarray):
+        return array
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def infer(self, feed: dict) -> dict:
+        raise NotImplementedError
+
+
+def _check_file(path: Path, what: str, option: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise BdmError(f"{option} {path}: no such {what} file")
+    return path
+
+
+class TorchRunner(Runner):
+    """The PyTorch reference: `bdm.load_model(ckpt, config=...)`, or an already built module."""
+
+    def __init__(self, ckpt=None, config=None, device: Optional[str] = None, model=None):
+        import torch
+
+        self.torch = torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if model is None:
+            import bdm
+
+            model = bdm.load_model(_check_file(ckpt, "checkpoint", "--ckpt"), config=config)
+        self.model = model.eval().to(self.device)
+        self.name = f"PyTorch ({self.device.type})"
+        self.source = str(ckpt) if ckpt is not None else "in-memory model"
+
+    def describe(self) -> str:
+        return f"{self.name}, checkpoint {self.source}"
+
+    def infer(self, feed: dict) -> dict:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [torch.as_tensor(np.asarray(feed[name])).to(self.device) for name in INPUT_NAMES]
+            eps = self.model(*args)
+        return {OUTPUT_NAME: eps.float().cpu().numpy()}
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on an exported model; CUDA EP where onnxruntime-gpu provides it, else CPU."""
+
+    def __init__(self, onnx_path, providers=None):
+        import onnxruntime as ort
+
+        path = _check_file(onnx_path, "ONNX", "--onnx")
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BdmError(f"--onnx {path}: ONNX Runtime cannot load it ({reason}); "
+                           "export it again with `bdm export`") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in INPUT_NAMES if n not in inputs]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if missing or OUTPUT_NAME not in outputs:
+            raise BdmError(f"--onnx {path} has inputs {list(inputs)} and outputs {outputs}; a bdm model has "
+                           f"inputs {list(INPUT_NAMES)} and output {OUTPUT_NAME!r} (export it with `bdm export`)")
+        self.input_types = {n: _ORT_TYPES.get(inputs[n].type, np.float32) for n in INPUT_NAMES}
+        batch = inputs["x_t"].shape[0]
+        self.limits = Limits(dtype=np.dtype(self.input_types["x_t"]).name,
+                             max_batch=batch if isinstance(batch, int) else None)
+        self.provider = self.session.get_providers()[0]
+        self.name = f"ONNX Runtime ({self.provider.replace('ExecutionProvider', '')})"
+        self.path = path
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def describe(self) -> str:
+        return f"{self.name}, model {self.path}"
+
+    def infer(self, feed: dict) -> dict:
+        ort_feed = {n: np.ascontiguousarray(np.asarray(feed[n]), dtype=self.input_types[n]) for n in INPUT_NAMES}
+        if ort_feed["t"].shape[0] != ort_feed["x_t"].shape[0]:
+            ort_feed["t"] = np.broadcast_to(ort_feed["t"], ort_feed["x_t"].shape[:1]).copy()
+        (eps,) = self.session.run([OUTPUT_NAME], ort_feed)
+        return {OUTPUT_NAME: eps.astype(np.float32, copy=False)}
+
+
+def trt_runner(engine_path, plugins=None):
+    """The TensorRT runner, imported only when asked for, so machines without TensorRT never need it."""
+    path = _check_file(engine_path, "engine", "--engine")
+    try:
+        import tensorrt  # noqa: F401  (the one-line error below is for a missing TensorRT)
+    except ImportError:
+        raise BdmError(f"--engine {path} needs TensorRT, which is not installed here; install the "
+                       "'tensorrt' extra on an NVIDIA GPU machine, or use --onnx on this one") from None
+    try:
+        from bdm.runtime.trt_backend import TrtRunner
+    except ImportError as e:
+        raise BdmError(f"--engine {path}: the TensorRT backend cannot be loaded ({e})") from None
+    return TrtRunner(path, plugins=plugins)

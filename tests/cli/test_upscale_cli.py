@@ -1,0 +1,63 @@
+"""`bdm upscale` through the console script: the main job end to end, and bad inputs as one line."""
+
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+
+def run_bdm(*args, cwd=None):
+    return subprocess.run(["bdm", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def lr_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lr") / "astronaut.png"
+    Image.fromarray(data.astronaut()[80:104, 180:204]).save(path)
+    return path
+
+
+def _one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    return lines[-1]
+
+
+def test_ckpt_upscale_end_to_end(bi_ref, lr_png, tmp_path):
+    out = tmp_path / "x4.png"
+    result = run_bdm("upscale", "--ckpt", bi_ref / "ckpt_small_x4.pth", "--config", bi_ref / "ckpt_small_x4.yml",
+                     "--steps", "2", "--seed", "10", lr_png, out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)                       # the path of the written image
+    assert "using x4" in result.stderr and "1 upscaled" in result.stderr
+    assert np.asarray(Image.open(out)).shape == (96, 96, 3)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--ckpt", "{ref}/ckpt_small_x4.pth", "{tmp}/missing.png", "{tmp}/o.png"], "no such file or folder"),
+    (["{lr}", "{tmp}/o.png"], "give exactly one model"),
+    (["--onnx", "{tmp}/a.onnx", "--ckpt", "{ref}/ckpt_small_x4.pth", "{lr}", "{tmp}/o.png"],
+     "give exactly one model"),
+    (["--onnx", "{tmp}/missing.onnx", "{lr}", "{tmp}/o.png"], "no such ONNX file"),
+    (["--onnx", "{lr}", "{lr}", "{tmp}/o.png"], "ONNX Runtime cannot load it"),
+    (["--engine", "{lr}", "{lr}", "{tmp}/o.png"], "TensorRT"),
+    (["--ckpt", "{ref}/ckpt_small_x4.pth", "--config", "{ref}/ckpt_small_x4.yml", "--noise-file",
+      "{tmp}/missing.npy", "{lr}", "{tmp}/o.png"], "no such file"),
+])
+def test_bad_inputs_are_one_line_and_write_nothing(bi_ref, lr_png, tmp_path, args, text):
+    filled = [a.format(ref=bi_ref, tmp=tmp_path, lr=lr_png) for a in args]
+    result = run_bdm("upscale", *filled)
+    assert text in _one_error_line(result)
+    assert not (tmp_path / "o.png").exists() and not list(tmp_path.glob(".*.part"))
+
+
+def test_non_image_input_fails_with_its_name(bi_ref, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("hello")
+    result = run_bdm("upscale", "--ckpt", bi_ref / "ckpt_small_x4.pth", "--config", bi_ref / "ckpt_small_x4.yml",
+                     "--steps", "1", bad, tmp_path / "o.png")
+    assert result.returncode == 1
+    assert f"cannot read {bad}: not a readable image" in result.stderr and "Traceback" not in result.stderr
+    assert "0 upscaled, 0 skipped, 1 failed" in result.stderr and not (tmp_path / "o.png").exists()

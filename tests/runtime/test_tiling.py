@@ -1,0 +1,84 @@
+"""Tiling inside the diffusion loop: tile plans, Gaussian blending, batching and backend limits."""
+
+import numpy as np
+import pytest
+
+from bdm.errors import BdmError
+from bdm.runtime.backends import Limits, Runner
+from bdm.runtime.sampler import ddim_schedule, sample
+from bdm.runtime.tiling import TiledEps, blend_normaliser, blend_window, choose_tiling, network_bytes, plan_tiles
+
+
+class PointwiseRunner(Runner):
+    """A stand-in network with a receptive field of one pixel: tiling must then change nothing."""
+
+    name = "pointwise"
+
+    def __init__(self, max_batch=None):
+        self.limits = Limits(max_batch=max_batch)
+        self.batches = []
+
+    def infer(self, feed):
+        x, cond, t = feed["x_t"], feed["cond"], feed["t"]
+        assert x.shape[0] == cond.shape[0] and (t == t[0]).all()  # one timestep per call: g(t[0]) is exact
+        self.batches.append(x.shape[0])
+        return {"eps": np.tanh(0.7 * x - 0.4 * cond + t[0] / 2000.0).astype(np.float32)}
+
+
+@pytest.mark.parametrize("height, width, tile, overlap", [(96, 96, 32, 8), (104, 40, 48, 16), (32, 200, 64, 24)])
+def test_tiles_cover_the_image_on_the_8_pixel_grid(height, width, tile, overlap):
+    grid = plan_tiles(height, width, tile, overlap)
+    assert grid.tile_h == min(tile, height) and grid.tile_w == min(tile, width)
+    ys = sorted({y for y, _ in grid.origins})
+    xs = sorted({x for _, x in grid.origins})
+    for origins, length, side in ((ys, height, grid.tile_h), (xs, width, grid.tile_w)):
+        assert origins[0] == 0 and origins[-1] == length - side
+        assert all(o % 8 == 0 for o in origins)
+        assert all(b - a <= side - 8 for a, b in zip(origins, origins[1:]))  # neighbours overlap
+    normaliser = blend_normaliser(grid, blend_window(grid.tile_h, grid.tile_w))
+    assert np.isfinite(normaliser).all() and normaliser.shape == (height, width)
+
+
+def test_tiled_eps_equals_whole_image_eps_for_a_local_network():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 3, 96, 96), dtype=np.float32)
+    cond = rng.random((1, 3, 96, 96), dtype=np.float32)
+    whole = PointwiseRunner().infer({"x_t": x, "cond": cond, "t": np.array([800])})["eps"]
+    runner = PointwiseRunner(max_batch=3)
+    grid, batch = choose_tiling(96, 96, runner.limits, budget=1 << 40, tile=32, overlap=8)
+    assert len(grid.origins) == 16 and batch == 3
+    tiled = TiledEps(runner, cond, grid, batch)(x, cond, 800)
+    assert runner.batches == [3, 3, 3, 3, 3, 1]
+    assert np.abs(tiled - whole).max() <= 2e-7   # only the rounding of sum(w * eps) / sum(w)
+
+
+def test_tiled_sampling_is_seamless_for_a_local_network():
+    """Whole DDIM runs, tiled (4 x 4 tiles) and untiled, from the same noise: the same image."""
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal((1, 3, 96, 96), dtype=np.float32)
+    cond = rng.random((1, 3, 96, 96), dtype=np.float32)
+    schedule = ddim_schedule(10)
+    runner = PointwiseRunner()
+    whole_grid, _ = choose_tiling(96, 96, runner.limits, budget=1 << 40)
+    assert whole_grid.whole                              # small images run whole, as the original does
+    whole = sample(TiledEps(runner, cond, whole_grid, 1), cond, noise, schedule)
+    grid, batch = choose_tiling(96, 96, runner.limits, budget=1 << 40, tile=32, overlap=8)
+    tiled = sample(TiledEps(runner, cond, grid, batch), cond, noise, schedule)
+    assert np.abs(tiled - whole).max() <= 1e-5
+
+
+def test_tile_size_follows_the_memory_budget_and_backend_limits():
+    limits = Limits(max_batch=4, min_hw=(64, 64), max_hw=(256, 256))
+    grid, batch = choose_tiling(1024, 768, limits, budget=network_bytes(200, 200))
+    assert grid.tile_h == grid.tile_w <= 200 and network_bytes(grid.tile_h, grid.tile_w) <= network_bytes(200, 200)
+    assert batch == 1
+    grid, batch = choose_tiling(1024, 768, limits, budget=1 << 40)
+    assert (grid.tile_h, grid.tile_w) == (256, 256) and batch == 4
+    with pytest.raises(BdmError, match="larger than the backend accepts"):
+        choose_tiling(1024, 768, limits, budget=1 << 40, tile=512)
+    with pytest.raises(BdmError, match="smaller than the backend accepts"):
+        choose_tiling(1024, 768, limits, budget=1 << 40, tile=32)
+    with pytest.raises(BdmError, match="multiple of 8"):
+        plan_tiles(96, 96, 30, 8)
+    with pytest.raises(BdmError, match="tile-overlap"):
+        plan_tiles(96, 96, 32, 32)
