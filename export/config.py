@@ -1,0 +1,126 @@
+"""Network configs: an official options YAML (its `network_g` section), or a dict of it, turned into validated
+constructor arguments; and `ModelFamily`, what a model family plugs into `bdm.export.checkpoint.load_model`."""
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Collection, Dict, Iterable, Optional, Tuple
+
+import yaml
+
+from bdm.errors import BdmError
+
+BIDIFFSR_TYPE = "BIDiffSRUNet"
+
+# network_g of the official options/{train,test}/*_BI_DiffSR_x{2,4}.yml: x2 and x4 build the same network.
+BIDIFFSR_RELEASED = {
+    "type": BIDIFFSR_TYPE,
+    "in_channel": 6,
+    "out_channel": 3,
+    "inner_channel": 64,
+    "norm_groups": 16,
+    "channel_mults": [1, 2, 4, 8],
+    "attn_res": [],
+    "res_blocks": 2,
+    "dropout": 0.2,
+    "image_size": 256,
+    "fp_res": [256, 128],
+    "total_step": 2000,
+    "dynamic_group": 5,
+}
+
+# Dropout is the identity at inference, so a config may leave it out.
+_BIDIFFSR_OPTIONAL = {"dropout": 0.0}
+_INT_KEYS = ("in_channel", "out_channel", "inner_channel", "norm_groups", "res_blocks", "image_size",
+             "total_step", "dynamic_group")
+_INT_LIST_KEYS = ("channel_mults", "attn_res", "fp_res")
+
+
+def read_network_g(config) -> dict:
+    """The `network_g` mapping of `config`: a path to an official options YAML, a dict of the whole options
+    file, or a dict of its `network_g` section. Returns a deep copy."""
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise BdmError(f"config {path} not found: pass the official options YAML (e.g. options/test/test_BI_DiffSR_x4.yml)")
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BdmError(f"config {path} is not valid YAML ({reason}); pass the official options YAML") from None
+        source = str(path)
+    else:
+        source = "the config dict"
+    if not isinstance(config, dict):
+        raise BdmError(f"{source} is not a mapping; expected an options YAML with a network_g section")
+    network_g = config.get("network_g", config)
+    if not isinstance(network_g, dict) or "type" not in network_g:
+        raise BdmError(f"{source} has no network_g section with a 'type'; expected an official options YAML "
+                       f"(network_g: {{type: {BIDIFFSR_TYPE}, ...}})")
+    return copy.deepcopy(network_g)
+
+
+def bidiffsr_network_g(config=None) -> dict:
+    """Validated BI-DiffSR network_g; `config=None` gives the released x2/x4 network."""
+    network_g = copy.deepcopy(BIDIFFSR_RELEASED) if config is None else read_network_g(config)
+    if network_g["type"] != BIDIFFSR_TYPE:
+        raise BdmError(f"network_g type {network_g['type']!r} is not a BI-DiffSR network (expected {BIDIFFSR_TYPE!r})")
+    network_g = {**_BIDIFFSR_OPTIONAL, **network_g}
+    missing = [k for k in BIDIFFSR_RELEASED if k not in network_g]
+    unknown = [k for k in network_g if k not in BIDIFFSR_RELEASED]
+    if missing or unknown:
+        raise BdmError(f"network_g of type {BIDIFFSR_TYPE}: missing keys {missing}, unknown keys {unknown}; "
+                       f"the official options list exactly {list(BIDIFFSR_RELEASED)}")
+    _check_bidiffsr_values(network_g)
+    return network_g
+
+
+def bidiffsr_kwargs(network_g: dict) -> dict:
+    """Constructor arguments of `BIDiffSRUNet` (network_g without its `type`)."""
+    return {k: v for k, v in network_g.items() if k != "type"}
+
+
+def _check_bidiffsr_values(g: dict):
+    def fail(what):
+        raise BdmError(f"network_g of type {BIDIFFSR_TYPE}: {what}")
+
+    for key in _INT_KEYS:
+        if not isinstance(g[key], int) or isinstance(g[key], bool) or g[key] < 1:
+            fail(f"{key} must be a positive integer, got {g[key]!r}")
+    for key in _INT_LIST_KEYS:
+        if not isinstance(g[key], (list, tuple)) or not all(isinstance(v, int) for v in g[key]):
+            fail(f"{key} must be a list of integers, got {g[key]!r}")
+    if not isinstance(g["dropout"], (int, float)) or not 0 <= g["dropout"] < 1:
+        fail(f"dropout must be in [0, 1), got {g['dropout']!r}")
+    mults = list(g["channel_mults"])
+    # Every binary ResBlock is square (BIConv's identity shortcut) and CP-Down doubles the channels, so the
+    # stages must go 1, 2, 4, ... times inner_channel.
+    if mults != [2 ** i for i in range(len(mults))]:
+        fail(f"channel_mults must be [1, 2, 4, ...] (CP-Down doubles the channels), got {mults}")
+    if g["inner_channel"] % 2 or g["inner_channel"] % g["norm_groups"]:
+        fail(f"inner_channel {g['inner_channel']} must be even and divisible by norm_groups {g['norm_groups']}")
+    if g["out_channel"] >= g["in_channel"]:
+        fail(f"in_channel {g['in_channel']} must exceed out_channel {g['out_channel']} "
+             f"(the input is cat([cond, x_t]))")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What `load_model` needs from one model family (registered in bdm.export.checkpoint.FAMILIES).
+
+    build(config, device) -> model in eval mode; config None means the family's released network.
+    claims_config(config) -> whether a user-given config describes this family's network.
+    claims_keys(keys) -> whether a state_dict (container and prefixes already removed) is this family's.
+    binarized_weights(model) -> (module path, latent weight) of every binarized conv, for the exact-zero check.
+    select_state(state, network keys) -> the network's state_dict from an unwrapped checkpoint (None: as is).
+    """
+
+    name: str
+    build: Callable[..., "object"]
+    claims_config: Callable[[object], bool]
+    claims_keys: Callable[[Collection[str]], bool]
+    binarized_weights: Callable[["object"], Iterable[Tuple[str, "object"]]]
+    container_keys: Tuple[str, ...] = ("params_ema", "params")  # first present wins (basicsr: EMA first)
+    key_prefixes: Tuple[str, ...] = ("module.",)  # DataParallel / DDP wrappers
+    config_hint: Optional[str] = "pass --config <the official options YAML> for a non-released network"
+    select_state: Optional[Callable[[Dict[str, "object"], Collection[str]], Dict[str, "object"]]] = None
