@@ -82,7 +82,12 @@ class TorchRunner(Runner):
         self.torch = torch
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise BdmError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise BdmError(f"--device {device} is not a torch device; use cpu or cuda") from None
         if model is None:
             import bdm
 

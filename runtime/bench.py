@@ -1,0 +1,158 @@
+"""`bdm bench`: per-step and end-to-end time and peak memory of every backend available on this machine.
+
+The workload is the released x4 BI-DiffSR network (51.3 M latent parameters) with random weights built
+here (PyTorch default initialisation, seed 0: nothing is downloaded), upscaling a 64 x 64 crop of
+scikit-image's astronaut to 256 x 256 with the official 50-step DDIM sampler. Each backend runs in its own
+process so that its peak memory (peak resident set size of that process, plus peak CUDA memory for
+PyTorch on a GPU) is its own. The ONNX model for ONNX Runtime is exported once with `bdm export`'s code.
+
+    bdm bench [--steps 50] [--size 64] [--backends torch-cpu,ort-cpu]
+    python -m bdm.runtime.bench ...   (the same)
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from bdm.errors import BdmError
+
+SCALE = 4
+
+
+def released_model():
+    """The released x4 network with random weights (default init, seed 0), in eval mode."""
+    import torch
+
+    from bdm.export.bidiffsr import build_bidiffsr
+
+    torch.manual_seed(0)
+    return build_bidiffsr(None)
+
+
+def available_backends() -> List[str]:
+    names = ["torch-cpu"]
+    import torch
+
+    if torch.cuda.is_available():
+        names.append("torch-cuda")
+    import onnxruntime as ort
+
+    names.append("ort-cpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        names.append("ort-cuda")
+    return names
+
+
+def _export_onnx(path: Path) -> None:
+    from bdm.export.onnx_export import export_onnx
+
+    export_onnx(released_model(), path)
+
+
+class _StepClock:
+    """Progress sink for upscale_picture that records the time of every step."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.stamps = []
+
+    def step(self, info):
+        self.stamps.append(time.perf_counter())
+
+    def message(self, text):
+        pass
+
+
+def _worker(backend: str, steps: int, size: int, onnx: Optional[str]) -> dict:
+    from skimage import data
+
+    from bdm.runtime.backends import OrtRunner, TorchRunner
+    from bdm.runtime.image_io import Picture
+    from bdm.runtime.sampler import ddim_schedule
+    from bdm.runtime.upscale import UpscaleSettings, upscale_picture
+
+    if backend.startswith("torch"):
+        runner = TorchRunner(model=released_model(), device=backend.split("-")[1])
+    else:
+        providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
+        runner = OrtRunner(onnx, providers=providers)
+    lr = data.astronaut()[100:100 + size, 180:180 + size].astype(np.float32) / 255
+    picture = Picture(lr, None, False, 8, None)
+    schedule = ddim_schedule(steps)
+    clock = _StepClock()
+    settings = UpscaleSettings(scale=SCALE, steps=steps, seed=0)
+    started = time.perf_counter()
+    rgb, _ = upscale_picture(runner, picture, settings, schedule, budget=1 << 40, progress=clock)
+    total = time.perf_counter() - started
+    step_times = np.diff([clock.started] + clock.stamps)
+    result = {
+        "backend": runner.name, "steps": steps, "input": f"{size}x{size}", "output": f"{rgb.shape[1]}x{rgb.shape[0]}",
+        "end_to_end_s": total, "first_step_s": float(step_times[0]),
+        "step_s": float(np.median(step_times[1:] if steps > 1 else step_times)),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if backend == "torch-cuda":
+        import torch
+
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
+def main(steps: int = 50, size: int = 64, only: Optional[List[str]] = None, stream=sys.stdout) -> List[dict]:
+    names = available_backends()
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise BdmError(f"backend(s) {unknown} not available here; available: {names}")
+        names = only
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = Path(tmp) / "bi_diffsr_x4_random.onnx"
+        if any(n.startswith("ort") for n in names):
+            try:
+                _export_onnx(onnx)
+            except ImportError as e:
+                print(f"bench: ONNX Runtime skipped: the ONNX exporter is not available ({e})", file=sys.stderr)
+                names = [n for n in names if not n.startswith("ort")]
+        print(f"bench: released x4 BI-DiffSR (random weights), {size}x{size} -> {size * SCALE}x{size * SCALE}, "
+              f"{steps} DDIM steps", file=stream)
+        for name in names:
+            command = [sys.executable, "-m", "bdm.runtime.bench", "--worker", name, "--steps", str(steps),
+                       "--size", str(size), "--onnx", str(onnx)]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"  {name:11s} failed: {tail}", file=stream)
+                continue
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            results.append(result)
+            gpu = f", peak CUDA {result['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in result else ""
+            print(f"  {result['backend']:24s} {result['step_s']:.3f} s/step (first {result['first_step_s']:.3f} s), "
+                  f"end to end {result['end_to_end_s']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB{gpu}",
+                  file=stream, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--onnx")
+    parser.add_argument("--backends")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.steps, args.size, args.onnx)))
+    else:
+        main(args.steps, args.size, args.backends.split(",") if args.backends else None)
