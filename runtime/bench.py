@@ -4,7 +4,7 @@ The workload is the released x4 BI-DiffSR network (51.3 M latent parameters) wit
 here (PyTorch default initialisation, seed 0: nothing is downloaded), upscaling a 64 x 64 crop of
 scikit-image's astronaut to 256 x 256 with the official 50-step DDIM sampler. Each backend runs in its own
 process so that its peak memory (peak resident set size of that process, plus peak CUDA memory for
-PyTorch on a GPU) is its own. The ONNX model for ONNX Runtime is exported once with `bdm export`'s code.
+PyTorch on a GPU) is its own. The ONNX model for ONNX Runtime is exported once with `bdm export`.
 
     bdm bench [--steps 50] [--size 64] [--backends torch-cpu,ort-cpu]
     python -m bdm.runtime.bench ...   (the same)
@@ -53,9 +53,16 @@ def available_backends() -> List[str]:
 
 
 def _export_onnx(path: Path) -> None:
-    from bdm.export.onnx_export import export_onnx
+    """`bdm export` of the random released model, saved first in the official checkpoint format."""
+    import torch
 
-    export_onnx(released_model(), path)
+    ckpt = path.with_suffix(".pth")
+    torch.save({"params": released_model().state_dict()}, ckpt)
+    run = subprocess.run([sys.executable, "-m", "bdm.cli.main", "export", str(ckpt), str(path), "--no-validate"],
+                         capture_output=True, text=True)
+    ckpt.unlink()
+    if run.returncode != 0:
+        raise BdmError((run.stderr.strip().splitlines() or ["bdm export failed"])[-1])
 
 
 class _StepClock:
@@ -120,8 +127,8 @@ def main(steps: int = 50, size: int = 64, only: Optional[List[str]] = None, stre
         if any(n.startswith("ort") for n in names):
             try:
                 _export_onnx(onnx)
-            except ImportError as e:
-                print(f"bench: ONNX Runtime skipped: the ONNX exporter is not available ({e})", file=sys.stderr)
+            except BdmError as e:
+                print(f"bench: ONNX Runtime skipped: {e}", file=stream)
                 names = [n for n in names if not n.startswith("ort")]
         print(f"bench: released x4 BI-DiffSR (random weights), {size}x{size} -> {size * SCALE}x{size * SCALE}, "
               f"{steps} DDIM steps", file=stream)
