@@ -73,13 +73,13 @@ def upscale(
     tile_overlap: Optional[int] = typer.Option(None, help="Tile overlap in pixels (default: a quarter tile)."),
     memory_budget: Optional[int] = typer.Option(
         None, help="MiB the network may use per call (default: a quarter of RAM, or the engine's)."),
-    format: str = typer.Option("png", "--format", help="Output format for folder outputs: png, jpg, webp, tif."),
+    fmt: str = typer.Option("png", "--format", help="Output format for folder outputs: png, jpg, webp, tif."),
     overwrite: bool = typer.Option(False, help="Redo outputs that already exist (default: skip them)."),
 ):
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint."""
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
-    plan_outputs(inputs, output, format)  # bad paths fail before a model is loaded
+    plan_outputs(inputs, output, fmt)  # bad paths fail before a model is loaded
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
     options = _options_yaml(config)
@@ -95,7 +95,7 @@ def upscale(
         steps = (options.get("beta_schedule") or {}).get("num_inference_steps", 50)
     settings = UpscaleSettings(
         scale=int(scale), steps=int(steps), seed=seed, noise_file=noise_file, tile=tile, tile_overlap=tile_overlap,
-        memory_budget=memory_budget << 20 if memory_budget else None, fmt=format, overwrite=overwrite,
+        memory_budget=memory_budget << 20 if memory_budget else None, fmt=fmt, overwrite=overwrite,
         schedule=schedule)
     summary = run_job(runner, inputs, output, settings)
     for path in summary.written:

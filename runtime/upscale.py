@@ -108,6 +108,9 @@ def plan_outputs(inputs: Path, output: Path, fmt: str) -> List[Tuple[Path, Path]
         raise BdmError(f"input {inputs}: no such file or folder")
     if output.is_dir():
         return [(inputs, output / (inputs.stem + image_io.output_suffix(fmt)))]
+    if not output.parent.is_dir():
+        raise BdmError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
+    image_io.check_output(output, has_alpha=False)
     return [(inputs, output)]
 
 
