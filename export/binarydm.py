@@ -28,8 +28,9 @@ import yaml
 from torch import nn
 
 from bdm.errors import BdmError
-from bdm.export.binarydm_layers import (ACT_BITS, MODES, BNNConv1d, BNNConv2d, BNNLinear, BinarizedLayer,
+from bdm.export.binarydm_layers import (ACT_BITS, BNNConv1d, BNNConv2d, BNNLinear, BinarizedLayer,
                                         QuantizedQKVAttention, act_range, set_mode)
+from bdm.export.config import ModelFamily
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel_ours.UNetModel"
 
@@ -527,3 +528,10 @@ def first_trace_divergence(ours: List[dict], reference: List[dict], rtol: float 
                                abs(mine["y_sum"] - ref["y_sum"]) > rtol * (abs(ref["y_sum"]) + ref["y_absmax"])):
             return i
     return None if len(ours) == len(reference) else min(len(ours), len(reference))
+
+
+FAMILY = ModelFamily(name="binarydm", build=build_binarydm, claims_config=claims_config, claims_keys=claims_keys,
+                     binarized_weights=zero_sign_weights, container_keys=("state_dict",),
+                     select_state=unet_state_dict,
+                     config_hint="pass --config <the LDM YAML (model.params.unet_config)>, with act_bits: 4 "
+                                 "for a W1A4 model")

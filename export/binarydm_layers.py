@@ -310,7 +310,8 @@ class QuantizedQKVAttention(nn.Module):
         return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, act_bits={self.act_quantizer_q.bits}, quantize={self.quantize}, mode={self.mode}"
+        return (f"n_heads={self.n_heads}, act_bits={self.act_quantizer_q.bits}, quantize={self.quantize}, "
+                f"mode={self.mode}")
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:

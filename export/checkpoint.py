@@ -14,10 +14,10 @@ from typing import Dict, List, Mapping, NamedTuple, Optional
 import torch
 
 from bdm.errors import BdmError
-from bdm.export import bidiffsr
+from bdm.export import bidiffsr, binarydm
 from bdm.export.config import ModelFamily
 
-FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (bidiffsr.FAMILY,)}
+FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (bidiffsr.FAMILY, binarydm.FAMILY)}
 
 _SHOW = 3  # offenders named in one error line
 

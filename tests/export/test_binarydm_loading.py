@@ -1,0 +1,117 @@
+"""bdm.load_model for BinaryDM checkpoints: Lightning state_dicts (student, EMA, FP teacher, first stage) and plain
+UNet state_dicts, family detection, exact-zero reporting, one-line failures. Built from the official UNet golden."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bdm.errors import BdmError
+from bdm.export.binarydm import claims_keys
+from bdm.export.binarydm_layers import set_mode
+from bdm.export.checkpoint import load_model, resolve_family
+
+CASE = "unet_cifar_like_w32"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def golden(bdm_ref):
+    state = torch.load(bdm_ref / f"{CASE}.pt", weights_only=True)
+    arrays = {k: torch.from_numpy(v) for k, v in np.load(bdm_ref / f"{CASE}.npz").items()}
+    return bdm_ref / f"{CASE}.json", state, arrays
+
+
+def lightning_checkpoint(state, ema=True):
+    """What LatentDiffusion + LitEma + trainer.save_checkpoint write: the student under model.diffusion_model.,
+    the EMA under model_ema.diffusion_model<key without dots>, the FP teacher under model2., the first stage,
+    schedule buffers and LitEma's counters. Here the student is perturbed, so only the EMA copy reproduces the
+    golden; one EMA entry is left out (a parameter LitEma did not track) and its student copy is exact."""
+    untracked = "out.0.bias"
+    sd = {}
+    for key, value in state.items():
+        sd["model.diffusion_model." + key] = value if key == untracked or not ema else value * 1.5 + 0.01
+        sd["model2.model.diffusion_model." + key] = torch.zeros_like(value)
+        if ema and key != untracked:
+            sd["model_ema.diffusion_model" + key.replace(".", "")] = value.clone()
+    sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3),
+               "betas": torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)})
+    return {"state_dict": sd, "epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.4.2"}
+
+
+def eps(model, arrays, i=0):
+    return model(arrays["x"][i], arrays["timesteps"][i])
+
+
+def test_lightning_checkpoint_prefers_ema(golden, tmp_path):
+    config, state, arrays = golden
+    path = tmp_path / "last.ckpt"
+    torch.save(lightning_checkpoint(state), path)
+    with pytest.warns(UserWarning, match=r"output_blocks\.2\.1\.conv\.weight, 1 at index \(19, 19, 2, 1\)"):
+        model = load_model(path, config=config)
+    assert type(model).__name__ == "BinaryDMUNet"
+    for mode in ("static", "fp"):
+        set_mode(model, mode)
+        assert torch.equal(eps(model, arrays), arrays[f"y_{mode}"][0]), mode
+
+
+def test_plain_state_dict_with_config_dict(golden, tmp_path):
+    config, state, arrays = golden
+    path = tmp_path / "unet.pt"
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="exact-zero"):
+        model = load_model(path, config=json.loads(config.read_text()), family="binarydm")
+    set_mode(model, "w1a32")
+    assert torch.equal(eps(model, arrays, 2), arrays["y_w1a32"][2])
+
+
+def test_family_detected_from_keys(golden):
+    _, state, _ = golden
+    lightning = lightning_checkpoint(state)["state_dict"]
+    assert claims_keys(state) and claims_keys(lightning)
+    assert resolve_family(None, None, set(state)).name == "binarydm"
+    assert resolve_family(None, None, set(lightning)).name == "binarydm"
+    assert not claims_keys({"downs.0.weight", "timestep_level_mlp.1.weight"})
+
+
+def test_student_used_without_ema(golden, tmp_path):
+    config, state, arrays = golden
+    path = tmp_path / "student.ckpt"
+    torch.save(lightning_checkpoint(state, ema=False), path)
+    with pytest.warns(UserWarning):
+        model = load_model(path, config=config)
+    set_mode(model, "fp")
+    assert torch.equal(eps(model, arrays, 1), arrays["y_fp"][1])
+
+
+def test_bad_inputs_are_one_line_errors(golden, tmp_path):
+    config, state, _ = golden
+    path = tmp_path / "unet.pt"
+    missing = dict(state)
+    del missing["middle_block.1.attention.act_quantizer_w.alpha"]
+    torch.save(missing, path)
+    with pytest.raises(BdmError, match=r"1 missing keys \(middle_block\.1\.attention\.act_quantizer_w\.alpha\)"):
+        load_model(path, config=config)
+    torch.save(state, path)
+    # no config: the released bedrooms network, which this small UNet does not fit
+    with pytest.raises(BdmError, match="shape mismatches.*LDM YAML") as failure:
+        load_model(path)
+    assert "\n" not in str(failure.value)
+    with pytest.raises(BdmError, match="no LDM UNet section"):
+        load_model(path, config={"network_g": {"type": "BIDiffSRUNet"}}, family="binarydm")
+    with pytest.raises(BdmError, match="unknown model family"):
+        load_model(path, family="binary_dm")
+    lightning = tmp_path / "last.ckpt"
+    torch.save(lightning_checkpoint(state), lightning)
+    with pytest.raises(BdmError, match="not a bare state_dict"):
+        load_model(lightning, family="bi_diffsr")
