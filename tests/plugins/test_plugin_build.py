@@ -1,0 +1,82 @@
+"""The CMake build of plugins/: kernels for sm_80/86/89/90 + PTX with CUDA alone, the TensorRT adapter skipped
+with one message when no headers are found, and only the C ABI exported."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bdm.errors import BdmError
+from bdm.plugins import build as plugin_build
+
+SASS_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+PTX_ARCH = "sm_90"
+C_ABI = {"bdm_binary_conv2d", "bdm_binary_conv2d_host", "bdm_binary_conv_workspace_size", "bdm_status_string",
+         "bdm_timestep_affine", "bdm_timestep_affine_host"}
+
+
+def cuda_tool(name):
+    """A CUDA binary tool from PATH, the CUDA toolkit of nvcc, or the NVIDIA pip wheels (nvidia-cuda-cuobjdump,
+    nvidia-cuda-nvdisasm)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(os.path.realpath(nvcc)).parent / name] if nvcc else []
+    candidates += sorted(Path(sys.prefix).glob(f"lib/python*/site-packages/nvidia/cu*/bin/{name}"))
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def exported_symbols(library):
+    out = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    return {line.split()[-1] for line in out.stdout.splitlines() if line.split()[1:2] == ["T"]}
+
+
+def test_kernels_contain_sass_for_every_architecture_and_ptx(kernels_library):
+    cuobjdump = cuda_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    elf = subprocess.run([cuobjdump, "--list-elf", str(kernels_library)], capture_output=True, text=True, check=True)
+    ptx = subprocess.run([cuobjdump, "--list-ptx", str(kernels_library)], capture_output=True, text=True, check=True)
+    sass_archs = set(re.findall(r"\.(sm_\d+)\.cubin", elf.stdout))
+    ptx_archs = set(re.findall(r"\.(sm_\d+)\.ptx", ptx.stdout))
+    assert sass_archs == set(SASS_ARCHS), elf.stdout
+    assert ptx_archs == {PTX_ARCH}, ptx.stdout
+
+
+def test_tensor_core_kernel_is_native_bmma_on_every_architecture(kernels_library):
+    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    env = dict(os.environ, PATH=f"{Path(nvdisasm).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for arch in SASS_ARCHS:
+        sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(kernels_library)], capture_output=True,
+                              text=True, check=True, env=env).stdout
+        # 2 activation dtypes x (2 m-tiles x 4 n-tiles x 2 bit-planes) mma per k-chunk, each one instruction
+        assert sass.count("BMMA.168256.AND.POPC") == 32, arch
+        assert "XOR.POPC" not in sass, arch
+
+
+def test_without_tensorrt_headers_only_the_kernels_build(kernels_build):
+    messages = [line for line in kernels_build.configure_log.splitlines() if line.startswith("-- bdm:")]
+    assert len(messages) == 1 and plugin_build.TRT_HEADERS_SKIPPED in messages[0], messages
+    assert "TENSORRT_ROOT" in messages[0]
+    assert kernels_build.plugins is None and kernels_build.harness is None
+    assert not (kernels_build.build_dir / plugin_build.PLUGINS_LIB).exists()
+    assert kernels_build.kernels.is_file()
+
+
+def test_kernels_library_exports_only_the_c_abi_and_links_cudart_statically(kernels_library):
+    assert exported_symbols(kernels_library) == C_ABI
+    needed = subprocess.run(["readelf", "-d", str(kernels_library)], capture_output=True, text=True, check=True).stdout
+    assert "libcudart" not in needed
+
+
+def test_missing_toolchain_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, no nvcc
+    with pytest.raises(BdmError, match="needs `cmake` on PATH"):
+        plugin_build.build(tmp_path / "b")
