@@ -11,6 +11,11 @@ smallest/largest H and W, the dtype it computes in) and where the sampler state 
 - `OrtRunner`: an exported ONNX file in ONNX Runtime, with the CUDA execution provider when
   onnxruntime-gpu offers it, else the CPU provider.
 - `TrtRunner` (runtime/trt_backend.py, needs TensorRT): a serialized engine with the bdm plugins.
+
+A runner that keeps the state on a device returns device arrays from `to_device` and `infer`; the sampler
+and the tiling use on them only slicing, item assignment (`a[j] = b[...]`, `a[...] = 0`), `*`, `+`, `-`,
+`/`, `*=`, `+=`, `.clip()`, `abs()` and `.max()`, which numpy, torch and cupy arrays all provide; `t` stays
+a host int64 array. Runners take float32 and return float32; one that computes in fp16 casts inside.
 """
 
 from __future__ import annotations

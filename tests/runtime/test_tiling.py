@@ -82,3 +82,36 @@ def test_tile_size_follows_the_memory_budget_and_backend_limits():
         plan_tiles(96, 96, 30, 8)
     with pytest.raises(BdmError, match="tile-overlap"):
         plan_tiles(96, 96, 32, 32)
+
+
+class TorchStateRunner(PointwiseRunner):
+    """Keeps the sampler state in torch tensors, as a GPU backend keeps it on the device (here on the CPU)."""
+
+    def to_device(self, array):
+        import torch
+
+        return torch.from_numpy(np.array(array))
+
+    def to_host(self, array):
+        return array.numpy()
+
+    def infer(self, feed):
+        import torch
+
+        host = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()}
+        return {"eps": torch.from_numpy(super().infer(host)["eps"])}
+
+
+def test_device_resident_state_gives_the_same_tiled_run():
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((1, 3, 64, 96), dtype=np.float32)
+    cond = rng.random((1, 3, 64, 96), dtype=np.float32)
+    schedule = ddim_schedule(5)
+    results = []
+    for runner in (PointwiseRunner(max_batch=2), TorchStateRunner(max_batch=2)):
+        grid, batch = choose_tiling(64, 96, runner.limits, budget=1 << 40, tile=32, overlap=8)
+        cond_dev = runner.to_device(cond)
+        x = sample(TiledEps(runner, cond_dev, grid, batch), cond_dev, runner.to_device(noise), schedule)
+        results.append(runner.to_host(x))
+    assert np.array_equal(results[0], results[1])
