@@ -1,11 +1,16 @@
 """`bdm build-engine`, `bdm doctor`."""
 
+import json
+import platform
+import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import typer
 
-from bdm.cli import not_implemented
+from bdm.errors import BdmError
 
 
 def build_engine(
@@ -15,16 +20,108 @@ def build_engine(
     min_shape: str = typer.Option("1x64x64", help="Smallest input, NxHxW."),
     opt_shape: str = typer.Option("1x256x256", help="Input shape TensorRT optimises for, NxHxW."),
     max_shape: str = typer.Option("1x512x512", help="Largest input, NxHxW."),
-    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache to load and save."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache to load and save "
+                                                           "(default: one per GPU model and TensorRT version)."),
     workspace: int = typer.Option(4096, help="Builder workspace limit in MB."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild even if this model was built before here."),
 ):
     """Build a TensorRT engine with the bdm plugins (needs TensorRT and an NVIDIA GPU)."""
-    not_implemented("build-engine")
+    from bdm.runtime import trt_backend
+
+    # Everything checkable without TensorRT is checked first, so bad arguments fail the same way everywhere.
+    if not model.is_file():
+        raise BdmError(f"{model}: no such ONNX file; export one with `bdm export`")
+    nhw = [trt_backend.parse_nhw(s, o) for s, o in ((min_shape, "--min-shape"), (opt_shape, "--opt-shape"),
+                                                     (max_shape, "--max-shape"))]
+    trt_backend.check_profile(*nhw)
+    if workspace < 1:
+        raise BdmError(f"--workspace {workspace}: give the builder workspace in MB (>= 1)")
+    trt_backend.build_engine(model, engine, plugins=plugins, min_shape=min_shape, opt_shape=opt_shape,
+                             max_shape=max_shape, timing_cache=timing_cache, workspace_mb=workspace,
+                             use_cache=not no_cache, log=lambda line: typer.echo(line, err=True))
+    typer.echo(str(engine))
+
+
+def _gpu_lines() -> List[str]:
+    try:
+        import torch
+    except ImportError:
+        return ["GPU: unknown (PyTorch is not installed)"]
+    lines = [f"PyTorch: {torch.__version__} (CUDA runtime {torch.version.cuda or 'none: CPU build'})"]
+    if not torch.cuda.is_available():
+        lines.append("GPU: none visible to PyTorch")
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)}, compute capability {major}.{minor}")
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            lines.append(f"NVIDIA driver: {out.stdout.strip().splitlines()[0]}")
+    return lines
+
+
+def _onnxruntime_line() -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "ONNX Runtime: not installed"
+    return f"ONNX Runtime: {ort.__version__}, providers {', '.join(ort.get_available_providers())}"
+
+
+def _plugin_lines(trt) -> Tuple[List[str], Optional[Path]]:
+    from bdm.plugins import build as plugin_build
+    from bdm.runtime.trt_backend import file_sha256
+
+    lines = []
+    kernels = plugin_build.find_kernels_library()
+    lines.append(f"kernel library: {kernels or 'not built (python -m bdm.plugins.build)'}")
+    library = plugin_build.find_plugins_library()
+    if library is None:
+        lines.append("TensorRT plugin library: not built (python -m bdm.plugins.build, with TensorRT headers)")
+        return lines, None
+    version_file = library.with_name("bdm_trt_plugins.version")
+    built_for = version_file.read_text().strip() if version_file.is_file() else "unknown"
+    lines.append(f"TensorRT plugin library: {library} (TensorRT {built_for} headers, sha256 {file_sha256(library)[:16]})")
+    if trt is not None:
+        from bdm.runtime.trt_backend import load_plugins
+
+        load_plugins(trt, library)
+        creators = sorted(f"{c.plugin_namespace}::{c.name} v{c.plugin_version}"
+                          for c in trt.get_plugin_registry().all_creators if c.plugin_namespace == "bdm")
+        lines.append(f"registered creators: {', '.join(creators) or 'none'}")
+    else:
+        harness = library.with_name(plugin_build.HARNESS_EXE)
+        if harness.is_file():  # lists the creators without TensorRT (host-only harness)
+            out = subprocess.run([str(harness), str(library), "-"], capture_output=True, text=True)
+            if out.returncode == 0:
+                names = [c["name"] for c in json.loads(out.stdout)["creators"]]
+                lines.append(f"creators in the library: {', '.join(names)}")
+    return lines, library
 
 
 def doctor():
     """Print what a deployment needs: GPU, driver/CUDA, TensorRT, ONNX Runtime providers, plugin library."""
-    not_implemented("doctor")
+    import bdm
+
+    lines = [f"bdm {bdm.__version__}, Python {platform.python_version()}, {platform.platform()}"]
+    lines += _gpu_lines()
+    lines.append(_onnxruntime_line())
+    try:
+        import tensorrt as trt
+        lines.append(f"TensorRT: {trt.__version__}")
+    except ImportError:
+        trt = None
+        lines.append("TensorRT: not installed")
+    plugin_lines, _ = _plugin_lines(trt)
+    lines += plugin_lines
+    for line in lines:
+        typer.echo(line)
+    if trt is None:
+        from bdm.runtime.trt_backend import INSTALL_TENSORRT
+
+        sys.stdout.flush()
+        raise BdmError(INSTALL_TENSORRT)
 
 
 def register(app: typer.Typer):

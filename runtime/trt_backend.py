@@ -1,0 +1,485 @@
+"""TensorRT backend: build an engine from an exported ONNX file (`bdm build-engine`), check that an engine
+fits this machine (its JSON sidecar), and run it (`TrtRunner`, the backends.Runner interface).
+
+The engine and its plugin library are tied to one GPU model and one TensorRT version. Each engine therefore
+carries a sidecar `<engine>.json` (ONNX hash, TensorRT version, GPU name and compute capability, profile shapes,
+dtype, plugin library hash); a mismatch is reported naming the field and the command that rebuilds it. Built
+engines are also cached per (GPU model, TensorRT version) and keyed by everything in the sidecar, so an
+unchanged model is never rebuilt.
+
+Only `import_tensorrt` and what calls it need TensorRT; the sidecar, shape and cache logic are plain Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from bdm.errors import BdmError
+from bdm.runtime.atomic import atomic_path
+from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, Limits, Runner
+
+SIDECAR_FORMAT = 1
+INSTALL_TENSORRT = ("TensorRT is not installed: on a machine with an NVIDIA GPU and driver, "
+                    "`pip install 'bdm[tensorrt]'` (the tensorrt wheel, 10.x or 11.x)")
+# Fields whose mismatch makes an engine unusable here, in the order they are reported.
+SIDECAR_CHECKED = ("tensorrt_version", "gpu_name", "compute_capability", "plugin_sha256", "onnx_sha256")
+
+Shape = Tuple[int, ...]
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------------
+
+def parse_nhw(text: str, option: str = "--shape") -> Tuple[int, int, int]:
+    """'1x64x64' -> (1, 64, 64): batch, height, width of the image inputs."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m:
+        raise BdmError(f"{option} {text!r} is not NxHxW (e.g. 1x256x256)")
+    n, h, w = (int(v) for v in m.groups())
+    if n < 1 or h < 8 or w < 8 or h % 8 or w % 8:
+        raise BdmError(f"{option} {text}: batch must be >= 1 and H, W multiples of 8 (the UNet downsamples 3 times)")
+    return n, h, w
+
+
+def check_profile(min_nhw, opt_nhw, max_nhw):
+    """min <= opt <= max in every dimension."""
+    for i, name in enumerate(("batch", "height", "width")):
+        if not min_nhw[i] <= opt_nhw[i] <= max_nhw[i]:
+            raise BdmError(f"profile {name}: need min <= opt <= max, got {min_nhw[i]}, {opt_nhw[i]}, {max_nhw[i]}; "
+                           f"fix --min-shape / --opt-shape / --max-shape")
+
+
+def input_shape_for(name: str, dims: Sequence[int], nhw: Tuple[int, int, int]) -> Shape:
+    """The concrete shape of network input `name` (ONNX dims, -1 = dynamic) at batch/height/width `nhw`:
+    dynamic dim 0 is the batch, dynamic dims 2 and 3 of a 4-D input are H and W; fixed dims stay."""
+    shape = []
+    for axis, dim in enumerate(dims):
+        if dim >= 0:
+            shape.append(int(dim))
+        elif axis == 0:
+            shape.append(nhw[0])
+        elif len(dims) == 4 and axis in (2, 3):
+            shape.append(nhw[axis - 1])
+        else:
+            raise BdmError(f"input {name} has dims {list(dims)}: axis {axis} is dynamic, but only batch, H and W "
+                           f"may be; export the model with `bdm export`")
+    return tuple(shape)
+
+
+def profile_shapes(input_dims: Dict[str, Sequence[int]], min_nhw, opt_nhw, max_nhw) -> Dict[str, Dict[str, Shape]]:
+    """{input: {"min": shape, "opt": shape, "max": shape}} for every network input."""
+    check_profile(min_nhw, opt_nhw, max_nhw)
+    return {name: {key: input_shape_for(name, dims, nhw)
+                   for key, nhw in (("min", min_nhw), ("opt", opt_nhw), ("max", max_nhw))}
+            for name, dims in input_dims.items()}
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sidecar_path(engine_path) -> Path:
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def read_sidecar(engine_path) -> dict:
+    path = sidecar_path(engine_path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BdmError(f"engine {engine_path} has no sidecar {path.name} (it was not built by `bdm build-engine`); "
+                       f"rebuild it with `bdm build-engine MODEL.onnx {engine_path}`") from None
+    except (OSError, ValueError) as e:
+        raise BdmError(f"engine sidecar {path} is unreadable ({e}); rebuild the engine with `bdm build-engine`") from None
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise BdmError(f"engine sidecar {path} has an unknown format; rebuild the engine with `bdm build-engine`")
+    return data
+
+
+def write_sidecar(engine_path, sidecar: dict):
+    with atomic_path(sidecar_path(engine_path)) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+
+
+def sidecar_mismatch(recorded: dict, current: dict) -> Optional[Tuple[str, object, object]]:
+    """The first checked field whose recorded value differs from this machine's (fields absent from
+    `current` are not checked), as (field, recorded, current); None when the engine fits."""
+    for field in SIDECAR_CHECKED:
+        if field in current and recorded.get(field) != current[field]:
+            return field, recorded.get(field), current[field]
+    return None
+
+
+def check_sidecar(engine_path, current: dict, onnx_hint: str = "MODEL.onnx"):
+    """BdmError naming the first field that differs and the command that rebuilds the engine."""
+    recorded = read_sidecar(engine_path)
+    mismatch = sidecar_mismatch(recorded, current)
+    if mismatch:
+        field, was, now = mismatch
+        raise BdmError(f"engine {engine_path} does not fit here: {field} is {was!r} in the engine, {now!r} here; "
+                       f"rebuild it on this machine: bdm build-engine {recorded.get('onnx_path') or onnx_hint} "
+                       f"{engine_path}")
+    return recorded
+
+
+def check_plugin_major(plugin_library: Path, tensorrt_version: str):
+    """A plugin library works only with the TensorRT major its headers came from (the build records it)."""
+    version_file = Path(plugin_library).with_name("bdm_trt_plugins.version")
+    if not version_file.is_file():
+        return
+    built_for = version_file.read_text().strip()
+    if built_for.split(".")[0] != tensorrt_version.split(".")[0]:
+        raise BdmError(f"{plugin_library} was compiled against TensorRT {built_for} headers, the installed TensorRT "
+                       f"is {tensorrt_version}; rebuild it: python -m bdm.plugins.build --tensorrt-include "
+                       f"<TensorRT {tensorrt_version.split('.')[0]}.x include folder>")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BDM_CACHE_DIR") or Path.home() / ".cache" / "bdm")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def engine_cache_key(sidecar: dict) -> str:
+    """Everything that changes the engine: model, plugin code, profile and dtype (GPU and TensorRT version
+    are the cache folder)."""
+    relevant = {k: sidecar[k] for k in ("onnx_sha256", "plugin_sha256", "profile", "dtype", "workspace_mb")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def machine_cache_dir(gpu_name: str, tensorrt_version: str) -> Path:
+    return cache_dir() / "engines" / f"{slug(gpu_name)}-trt{tensorrt_version}"
+
+
+# ---- TensorRT ----------------------------------------------------------------------------------------------
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise BdmError(INSTALL_TENSORRT) from None
+    return tensorrt
+
+
+def gpu_identity() -> Dict[str, str]:
+    """Name and compute capability of CUDA device 0 (through PyTorch, which bdm already needs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BdmError("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines need an "
+                       "NVIDIA GPU, a driver, and a CUDA build of PyTorch")
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"gpu_name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def resolve_plugins(plugins) -> Path:
+    from bdm.plugins.build import PLUGINS_LIB, find_plugins_library
+
+    path = Path(plugins) if plugins else find_plugins_library()
+    if path is None:
+        raise BdmError(f"no {PLUGINS_LIB} found; build it with `python -m bdm.plugins.build` (needs nvcc and the "
+                       f"TensorRT headers) or pass --plugins PATH")
+    if not path.is_file():
+        raise BdmError(f"--plugins {path}: no such file; build it with `python -m bdm.plugins.build`")
+    return path
+
+
+def load_plugins(trt, plugin_library: Path):
+    """Register the bdm creators through IPluginRegistry::loadLibrary (getCreators); the library withdraws its
+    own load-time self-registration first, so this works whether or not it was loaded before."""
+    check_plugin_major(plugin_library, trt.__version__)
+    registry = trt.get_plugin_registry()
+    try:
+        handle = registry.load_library(str(plugin_library))
+    except Exception as e:  # the bindings raise on failure in some versions, return None in others
+        handle, error = None, e
+    else:
+        error = None
+    if handle is None:
+        namespaces = {c.plugin_namespace for c in registry.all_creators} if hasattr(registry, "all_creators") else set()
+        if "bdm" in namespaces:
+            return None  # already registered in this process (an earlier load of the same library)
+        raise BdmError(f"TensorRT {trt.__version__} could not load {plugin_library}"
+                       f"{f' ({error})' if error else ''}; rebuild it against this TensorRT's headers with "
+                       f"`python -m bdm.plugins.build`")
+    return handle
+
+
+class _Logger:
+    """A trt.ILogger that keeps errors for the one-line message and prints warnings."""
+
+    def __init__(self, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors = []
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.errors.append(msg)
+                elif severity == trt.ILogger.Severity.WARNING:
+                    print(f"TensorRT: {msg}", file=sys.stderr)
+
+        self.logger = Logger()
+
+
+def _progress_monitor(trt, stream=sys.stderr):
+    """TensorRT's IProgressMonitor as a text progress bar of the innermost phase."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.phases = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.phases[phase_name] = (num_steps, parent_phase)
+            self._draw(phase_name, 0)
+
+        def step_complete(self, phase_name, step):
+            self._draw(phase_name, step + 1)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            self.phases.pop(phase_name, None)
+            if not self.phases:
+                stream.write("\n")
+
+        def _draw(self, phase_name, done):
+            total = max(self.phases.get(phase_name, (1, None))[0], 1)
+            filled = int(30 * min(done, total) / total)
+            stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {phase_name[:40]:<40} {done}/{total}")
+            stream.flush()
+
+    return Monitor()
+
+
+def onnx_input_dims(trt, network) -> Dict[str, Tuple[int, ...]]:
+    return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+
+
+def build_engine(onnx_path, engine_path, plugins=None, min_shape="1x64x64", opt_shape="1x256x256",
+                 max_shape="1x512x512", timing_cache=None, workspace_mb=4096, use_cache=True, log=print) -> Path:
+    """`bdm build-engine`: ONNX (with bdm custom nodes) -> serialized engine + sidecar, both written atomically.
+
+    Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set).
+    The timing cache is loaded and saved (default: one per GPU model and TensorRT version). An engine built
+    before for the same model, plugins, profile and dtype on this GPU model and TensorRT version is reused."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise BdmError(f"{onnx_path}: no such ONNX file; export one with `bdm export`")
+    min_nhw, opt_nhw, max_nhw = (parse_nhw(s, o) for s, o in ((min_shape, "--min-shape"), (opt_shape, "--opt-shape"),
+                                                              (max_shape, "--max-shape")))
+    check_profile(min_nhw, opt_nhw, max_nhw)
+    trt = import_tensorrt()
+    gpu = gpu_identity()
+    plugin_library = resolve_plugins(plugins)
+    load_plugins(trt, plugin_library)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "onnx_path": str(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
+        "tensorrt_version": trt.__version__,
+        **gpu,
+        "plugin_library": str(plugin_library),
+        "plugin_sha256": file_sha256(plugin_library),
+        "profile": {"min": list(min_nhw), "opt": list(opt_nhw), "max": list(max_nhw)},
+        "workspace_mb": int(workspace_mb),
+    }
+    machine_dir = machine_cache_dir(gpu["gpu_name"], trt.__version__)
+    timing_cache = Path(timing_cache) if timing_cache else machine_dir / "timing.cache"
+
+    builder_logger = _Logger(trt).logger
+    builder = trt.Builder(builder_logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and int(trt.__version__.split(".")[0]) < 11:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, builder_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BdmError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else 'unknown error'}"
+                       f"{' (is the plugin library the one built for this model?)' if 'plugin' in str(errors).lower() else ''}")
+    dims = onnx_input_dims(trt, network)
+    shapes = profile_shapes(dims, min_nhw, opt_nhw, max_nhw)
+    sidecar["input_shapes"] = {name: {k: list(v) for k, v in s.items()} for name, s in shapes.items()}
+    x_name = INPUT_NAMES[0] if INPUT_NAMES[0] in dims else next(iter(dims))
+    sidecar["dtype"] = np.dtype(trt.nptype(network.get_input(list(dims).index(x_name)).dtype)).name
+
+    cached_engine = machine_dir / f"{engine_cache_key(sidecar)}.engine"
+    if use_cache and cached_engine.is_file() and sidecar_path(cached_engine).is_file():
+        recorded = read_sidecar(cached_engine)
+        if sidecar_mismatch(recorded, sidecar) is None and recorded.get("input_shapes") == sidecar["input_shapes"]:
+            _copy_atomic(cached_engine, engine_path)
+            write_sidecar(engine_path, dict(recorded, onnx_path=str(onnx_path)))
+            log(f"unchanged model: reused the cached engine {cached_engine}")
+            return engine_path
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    profile = builder.create_optimization_profile()
+    for name, s in shapes.items():
+        profile.set_shape(name, s["min"], s["opt"], s["max"])
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _progress_monitor(trt)
+
+    log(f"building {engine_path} from {onnx_path} (TensorRT {trt.__version__}, {gpu['gpu_name']}, "
+        f"profile {min_shape} / {opt_shape} / {max_shape}, {sidecar['dtype']})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        reason = builder_logger.errors[-1] if builder_logger.errors else "no reason given"
+        raise BdmError(f"TensorRT could not build an engine from {onnx_path}: {reason}")
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    write_sidecar(engine_path, sidecar)
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    if use_cache:
+        machine_dir.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(engine_path, cached_engine)
+        write_sidecar(cached_engine, sidecar)
+    log(f"wrote {engine_path} and {sidecar_path(engine_path).name}; timing cache {timing_cache}")
+    return engine_path
+
+
+def _copy_atomic(src: Path, dst: Path):
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+class TrtRunner(Runner):
+    """A bdm engine in TensorRT: plugin library loaded, sidecar checked against this machine, one set of
+    device buffers per input shape, `execute_async_v3` on a private stream, and (by default) a CUDA graph per
+    shape captured on the second call with that shape and replayed afterwards.
+
+    infer() takes numpy arrays or torch CUDA tensors and returns eps as a torch CUDA tensor; to_device/to_host
+    let the sampler keep its state on the GPU between steps."""
+
+    def __init__(self, engine_path, plugins=None, onnx_path=None, cuda_graphs: bool = True):
+        import torch
+
+        trt = import_tensorrt()
+        self.torch, self.trt = torch, trt
+        engine_path = Path(engine_path)
+        gpu = gpu_identity()
+        plugin_library = resolve_plugins(plugins)
+        current = dict(gpu, tensorrt_version=trt.__version__, plugin_sha256=file_sha256(plugin_library))
+        if onnx_path is not None:
+            current["onnx_sha256"] = file_sha256(onnx_path)
+        self.sidecar = check_sidecar(engine_path, current)
+        load_plugins(trt, plugin_library)
+        self._logger = _Logger(trt).logger
+        self.runtime = trt.Runtime(self._logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
+            raise BdmError(f"TensorRT could not deserialize {engine_path}: {reason}; rebuild it with "
+                           f"`bdm build-engine`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if set(self.inputs) != set(INPUT_NAMES) or OUTPUT_NAME not in self.outputs:
+            raise BdmError(f"engine {engine_path} has inputs {self.inputs} and outputs {self.outputs}; a bdm engine "
+                           f"has inputs {list(INPUT_NAMES)} and output {OUTPUT_NAME!r}")
+        self.dtypes = {n: torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
+                       for n in names}
+        lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)
+        self.limits = Limits(dtype=str(self.dtypes[INPUT_NAMES[0]]).replace("torch.", ""), max_batch=int(hi[0]),
+                             min_hw=(int(lo[2]), int(lo[3])), max_hw=(int(hi[2]), int(hi[3])))
+        self.stream = torch.cuda.Stream()
+        self.cuda_graphs = cuda_graphs
+        self._bound = {}  # input shapes -> {"buffers": {name: tensor}, "calls": int, "graph": CUDAGraph | None}
+        self.name = f"TensorRT {trt.__version__} ({gpu['gpu_name']})"
+        self.path = engine_path
+
+    def describe(self) -> str:
+        return f"{self.name}, engine {self.path}"
+
+    def to_device(self, array):
+        return self.torch.as_tensor(np.asarray(array) if isinstance(array, np.ndarray) else array).cuda()
+
+    def to_host(self, array) -> np.ndarray:
+        return array.float().cpu().numpy() if hasattr(array, "cpu") else np.asarray(array)
+
+    def _binding(self, shapes: Dict[str, Shape]):
+        key = tuple(shapes[n] for n in self.inputs)
+        bound = self._bound.get(key)
+        if bound is None:
+            torch = self.torch
+            for name in self.inputs:
+                if not self.context.set_input_shape(name, shapes[name]):
+                    raise BdmError(f"input {name} of shape {list(shapes[name])} is outside the engine's profile "
+                                   f"(H, W from {self.limits.min_hw} to {self.limits.max_hw}, batch up to "
+                                   f"{self.limits.max_batch}); rebuild with a larger --max-shape or use tiling")
+            buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.inputs}
+            for name in self.outputs:
+                buffers[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
+                                            device="cuda")
+            bound = {"buffers": buffers, "calls": 0, "graph": None}
+            self._bound[key] = bound
+        # The context holds one set of shapes and addresses: bind this shape's on every call.
+        for name in self.inputs:
+            self.context.set_input_shape(name, tuple(bound["buffers"][name].shape))
+        for name, tensor in bound["buffers"].items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        return bound
+
+    def infer(self, feed: dict) -> dict:
+        torch = self.torch
+        x = feed[INPUT_NAMES[0]]
+        batch = x.shape[0]
+        arrays = {}
+        for name in self.inputs:
+            value = torch.as_tensor(feed[name])
+            if name == "t" and value.shape[0] != batch:
+                value = value.expand(batch)
+            arrays[name] = value
+        bound = self._binding({n: tuple(arrays[n].shape) for n in self.inputs})
+        self.stream.wait_stream(torch.cuda.current_stream())  # the inputs may still be in flight there
+        with torch.cuda.stream(self.stream):
+            for name in self.inputs:
+                bound["buffers"][name].copy_(arrays[name], non_blocking=True)
+            self._execute(bound)
+            # a copy: the output buffer is overwritten by the next call (and by graph replays)
+            eps = bound["buffers"][OUTPUT_NAME].to(torch.float32, copy=True)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return {OUTPUT_NAME: eps}
+
+    def _execute(self, bound):
+        """First call per shape eager (TensorRT finishes lazy set-up), second call captured, later replayed."""
+        bound["calls"] += 1
+        if bound["graph"] is not None:
+            bound["graph"].replay()
+            return
+        if self.cuda_graphs and bound["calls"] == 2:
+            graph = self.torch.cuda.CUDAGraph()
+            with self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._enqueue()
+            bound["graph"] = graph
+            graph.replay()
+            return
+        self._enqueue()
+
+    def _enqueue(self):
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
+            raise BdmError(f"TensorRT execution failed: {reason}")

@@ -1,0 +1,97 @@
+"""The parts of the TensorRT backend that need no TensorRT: profile shapes, the engine sidecar check, the
+engine cache key, the plugin-library/TensorRT major check."""
+
+import json
+
+import pytest
+
+from bdm.errors import BdmError
+from bdm.runtime import trt_backend as tb
+
+ONNX_DIMS = {"x_t": (-1, 3, -1, -1), "cond": (-1, 3, -1, -1), "t": (-1,)}
+
+
+def sidecar(**changes):
+    base = {"format": tb.SIDECAR_FORMAT, "onnx_path": "model.onnx", "onnx_sha256": "a" * 64,
+            "tensorrt_version": "11.4.0.106", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+            "plugin_sha256": "b" * 64, "profile": {"min": [1, 64, 64], "opt": [1, 256, 256], "max": [2, 512, 512]},
+            "dtype": "float32", "workspace_mb": 4096}
+    return dict(base, **changes)
+
+
+@pytest.mark.parametrize("text, nhw", [("1x64x64", (1, 64, 64)), (" 2X256x128 ", (2, 256, 128))])
+def test_parse_nhw(text, nhw):
+    assert tb.parse_nhw(text) == nhw
+
+
+@pytest.mark.parametrize("text, message", [("64x64", "is not NxHxW"), ("1x60x64", "multiples of 8"),
+                                           ("0x64x64", "batch must be >= 1"), ("1x64x64x3", "is not NxHxW")])
+def test_parse_nhw_refuses(text, message):
+    with pytest.raises(BdmError, match=message):
+        tb.parse_nhw(text, "--opt-shape")
+
+
+def test_profile_shapes_follow_the_onnx_inputs():
+    shapes = tb.profile_shapes(ONNX_DIMS, (1, 64, 64), (1, 256, 192), (2, 512, 512))
+    assert shapes["x_t"] == {"min": (1, 3, 64, 64), "opt": (1, 3, 256, 192), "max": (2, 3, 512, 512)}
+    assert shapes["t"] == {"min": (1,), "opt": (1,), "max": (2,)}
+    with pytest.raises(BdmError, match="axis 1 is dynamic"):
+        tb.profile_shapes({"x_t": (-1, -1, -1, -1)}, (1, 64, 64), (1, 64, 64), (1, 64, 64))
+    with pytest.raises(BdmError, match="need min <= opt <= max"):
+        tb.profile_shapes(ONNX_DIMS, (1, 64, 64), (1, 32, 64), (1, 64, 64))
+
+
+def test_sidecar_round_trip_and_match(tmp_path):
+    engine = tmp_path / "model.engine"
+    tb.write_sidecar(engine, sidecar())
+    assert tb.sidecar_path(engine).name == "model.engine.json"
+    current = {k: sidecar()[k] for k in tb.SIDECAR_CHECKED}
+    assert tb.check_sidecar(engine, current) == sidecar()
+
+
+@pytest.mark.parametrize("field, here", [("tensorrt_version", "10.16.0.72"), ("gpu_name", "NVIDIA A100-SXM4-80GB"),
+                                         ("compute_capability", "8.0"), ("plugin_sha256", "c" * 64),
+                                         ("onnx_sha256", "d" * 64)])
+def test_sidecar_mismatch_names_the_field_and_the_rebuild(tmp_path, field, here):
+    engine = tmp_path / "model.engine"
+    tb.write_sidecar(engine, sidecar())
+    current = dict({k: sidecar()[k] for k in tb.SIDECAR_CHECKED}, **{field: here})
+    with pytest.raises(BdmError) as err:
+        tb.check_sidecar(engine, current)
+    message = str(err.value)
+    assert f"{field} is {sidecar()[field]!r} in the engine, {here!r} here" in message
+    assert f"bdm build-engine model.onnx {engine}" in message and "\n" not in message
+
+
+def test_fields_this_machine_cannot_tell_are_not_checked(tmp_path):
+    engine = tmp_path / "model.engine"
+    tb.write_sidecar(engine, sidecar())
+    assert tb.sidecar_mismatch(sidecar(), {"gpu_name": sidecar()["gpu_name"]}) is None  # no ONNX given
+
+
+@pytest.mark.parametrize("content, message", [(None, "has no sidecar"), ("{not json", "is unreadable"),
+                                              (json.dumps({"format": 99}), "unknown format")])
+def test_bad_sidecar_is_one_line(tmp_path, content, message):
+    engine = tmp_path / "model.engine"
+    if content is not None:
+        tb.sidecar_path(engine).write_text(content)
+    with pytest.raises(BdmError, match=message):
+        tb.read_sidecar(engine)
+
+
+def test_engine_cache_key_changes_with_what_changes_the_engine():
+    key = tb.engine_cache_key(sidecar())
+    assert key == tb.engine_cache_key(sidecar(onnx_path="elsewhere.onnx", gpu_name="same folder decides"))
+    for change in ({"onnx_sha256": "e" * 64}, {"plugin_sha256": "f" * 64}, {"dtype": "float16"},
+                   {"profile": {"min": [1, 64, 64], "opt": [1, 128, 128], "max": [2, 512, 512]}}):
+        assert tb.engine_cache_key(sidecar(**change)) != key
+    assert tb.machine_cache_dir("NVIDIA H100 80GB HBM3", "11.4.0.106").name == "NVIDIA-H100-80GB-HBM3-trt11.4.0.106"
+
+
+def test_plugin_library_built_for_another_major_is_refused(tmp_path):
+    library = tmp_path / "libbdm_trt_plugins.so"
+    library.write_bytes(b"")
+    (tmp_path / "bdm_trt_plugins.version").write_text("10.16.0.72\n")
+    tb.check_plugin_major(library, "10.13.0.35")
+    with pytest.raises(BdmError, match="compiled against TensorRT 10.16.0.72 headers, the installed TensorRT is 11"):
+        tb.check_plugin_major(library, "11.4.0.106")
