@@ -53,7 +53,7 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     lib.bdm_binary_conv_workspace_size.restype = ctypes.c_size_t
     lib.bdm_binary_conv2d.argtypes = conv_args + [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.bdm_binary_conv2d.restype = ctypes.c_int
-    lib.bdm_binary_conv2d_host.argtypes = conv_args
+    lib.bdm_binary_conv2d_host.argtypes = conv_args + [ctypes.c_int]
     lib.bdm_binary_conv2d_host.restype = ctypes.c_int
     affine_args = [ctypes.POINTER(AffineShape), ctypes.POINTER(AffineTensors), ctypes.c_int]
     lib.bdm_timestep_affine.argtypes = affine_args + [ctypes.c_void_p]
@@ -115,7 +115,8 @@ def _stream():
 def binary_conv2d(x, weight, alpha, *, in_channels, out_channels, kernel_size, pad_value=0, t=None,
                   threshold=None, bias0=None, slope=None, bias1=None, num_groups=5, total_steps=2000, residual=1,
                   algo="auto", library=None):
-    """BinaryConv2d (t and the four tables given) or BinarySignConv2d (none given; residual ignored)."""
+    """BinaryConv2d (t and the four tables given) or BinarySignConv2d (none given; residual ignored).
+    algo: "auto", "simple" or "tensor_core" (on the host path: the tensor-core kernel's emulation)."""
     lib = load(library)
     ops = _Operands(x)
     fused = t is not None
@@ -135,7 +136,7 @@ def binary_conv2d(x, weight, alpha, *, in_channels, out_channels, kernel_size, p
         status = lib.bdm_binary_conv2d(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype, ALGOS[algo],
                                        workspace.data_ptr(), workspace_bytes, _stream())
     else:
-        status = lib.bdm_binary_conv2d_host(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype)
+        status = lib.bdm_binary_conv2d_host(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype, ALGOS[algo])
     _check(lib, status, "bdm_binary_conv2d")
     return y
 

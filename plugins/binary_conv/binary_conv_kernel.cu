@@ -2,6 +2,7 @@
 // The tensor-core kernel is in binary_conv_tensor_core.cu; the shared math in binary_conv_device.cuh.
 #include "binary_conv_device.cuh"
 #include "binary_conv_kernel.h"
+#include "binary_conv_tensor_core.cuh"
 
 #include <cuda_fp16.h>
 #include <vector>
@@ -126,7 +127,7 @@ int launchConv(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, int a
 }
 
 template <typename T>
-void runHost(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo)
+void runHost(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, int algo)
 {
     std::vector<uint32_t> pos(planeWords(geo)), nonzero(planeWords(geo));
     int const group = launchGroup(ts, geo);
@@ -138,6 +139,11 @@ void runHost(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo)
             pos[pixel * geo.words + word] = bits.pos;
             nonzero[pixel * geo.words + word] = bits.nonzero;
         }
+    }
+    if (algo == BDM_CONV_TENSOR_CORE)
+    {
+        tc::emulateTensorCoreConv<T>(ts, geo, pos.data(), nonzero.data());
+        return;
     }
     for (long long pixel = 0; pixel < geo.pixels; ++pixel)
     {
@@ -188,20 +194,25 @@ extern "C" int bdm_binary_conv2d(bdm_binary_conv_shape const* shape, bdm_binary_
                                 : bdm::launchConv<__half>(*tensors, geo, algo, workspace, stream);
 }
 
-extern "C" int bdm_binary_conv2d_host(bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype)
+extern "C" int bdm_binary_conv2d_host(
+    bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype, int algo)
 {
     if (int const status = bdm::checkArguments(shape, tensors, dtype))
     {
         return status;
     }
+    if (algo < BDM_CONV_AUTO || algo > BDM_CONV_TENSOR_CORE)
+    {
+        return BDM_INVALID_ARGUMENT;
+    }
     bdm::ConvGeometry const geo = bdm::makeGeometry(*shape);
     if (dtype == BDM_FLOAT32)
     {
-        bdm::runHost<float>(*tensors, geo);
+        bdm::runHost<float>(*tensors, geo, algo);
     }
     else
     {
-        bdm::runHost<__half>(*tensors, geo);
+        bdm::runHost<__half>(*tensors, geo, algo);
     }
     return BDM_OK;
 }

@@ -59,9 +59,12 @@ BDM_API size_t bdm_binary_conv_workspace_size(bdm_binary_conv_shape const* shape
 BDM_API int bdm_binary_conv2d(bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype,
     int algo, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// The same math on the CPU (host pointers, synchronous), through the device code's own per-output
-// functions: lets machines without a GPU check the formula against the reference.
-BDM_API int bdm_binary_conv2d_host(bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype);
+// The same computation on the CPU (host pointers, synchronous) through the device code's own functions, so
+// machines without a GPU check it against the reference: BDM_CONV_SIMPLE / AUTO run the straightforward
+// kernel's per-output function; BDM_CONV_TENSOR_CORE runs the tensor-core kernel's phases block by block with
+// the mma emulated from the PTX ISA's fragment layout.
+BDM_API int bdm_binary_conv2d_host(
+    bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype, int algo);
 
 #ifdef __cplusplus
 }

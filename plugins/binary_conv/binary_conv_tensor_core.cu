@@ -2,158 +2,127 @@
 // 32-bit words, one mma.sync.m16n8k256.b1.and.popc per 16x8x256 tile (native BMMA on sm_80..sm_90).
 // A is im2col'd on the fly from the two sign bit-planes (pos, nonzero); the epilogue is shared with the
 // straightforward kernel (binary_conv_device.cuh), so both give identical results.
-#include "binary_conv_device.cuh"
+//
+// The kernel is written as per-thread phases (stage a K chunk, multiply, publish row counts, epilogue) that
+// are __host__ __device__: bdm_binary_conv2d_host(..., BDM_CONV_TENSOR_CORE) runs the same phases block by block
+// on the CPU, with the mma replaced by an emulation of the PTX ISA's fragment layout, so the tiling, staging and
+// fragment indexing are checked on machines without a GPU.
+#include "binary_conv_tensor_core.cuh"
 
 #include <cuda_fp16.h>
+#include <vector>
 
 namespace bdm
 {
-namespace
+namespace tc
 {
 
-constexpr int kTileM = 64;      // output pixels per block
-constexpr int kTileN = 64;      // output channels per block
-constexpr int kChunkWords = 8;  // 256 bits of K per mma
-constexpr int kRowStride = 12;  // shared-memory words per tile row: 12 (not 8) makes fragment loads conflict-free
-constexpr int kThreads = 128;   // 4 warps, 2 x 2 over the tile, each 32 pixels x 32 channels
-
-// acc += popc(a AND b) for a 16x8 tile; fragment layout of the PTX ISA for .b1 m16n8k256:
-// a[0]: row grp, word tig; a[1]: row grp+8, word tig; a[2], a[3]: the same rows, word tig+4;
-// b[0], b[1]: column grp, words tig and tig+4; acc[0..3]: (grp, 2tig), (grp, 2tig+1), (grp+8, 2tig), (grp+8, 2tig+1).
-__device__ inline void mmaAndPopc(int (&acc)[4], uint32_t const (&a)[4], uint32_t b0, uint32_t b1)
+Loader::Loader(ConvGeometry const& geo, bdm_binary_conv_tensors const& ts, long long m0, int n0, int tid)
+    : row(tid >> 1)
+    , half(tid & 1)
 {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+r"(acc[0]), "+r"(acc[1]), "+r"(acc[2]), "+r"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap(); // the library is built for sm_80+ only (CMakeLists.txt)
-#endif
-}
-
-__device__ inline void loadAFragment(uint32_t const* tile, int row, int tig, uint32_t (&a)[4])
-{
-    a[0] = tile[row * kRowStride + tig];
-    a[1] = tile[(row + 8) * kRowStride + tig];
-    a[2] = tile[row * kRowStride + tig + 4];
-    a[3] = tile[(row + 8) * kRowStride + tig + 4];
+    long long const pixel = m0 + row;
+    pixelValid = pixel < geo.pixels;
+    at = pixelCoord(geo, pixelValid ? pixel : 0);
+    int const o = n0 + row;
+    oValid = o < geo.outChannels;
+    weightRow = reinterpret_cast<uint32_t const*>(ts.weight) + static_cast<long long>(oValid ? o : 0) * geo.tapWords;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) tensorCoreConvKernel(
     bdm_binary_conv_tensors ts, ConvGeometry geo, uint32_t const* pos, uint32_t const* nonzero)
 {
-    __shared__ uint32_t tilePos[kTileM * kRowStride];
-    __shared__ uint32_t tileNonzero[kTileM * kRowStride];
-    __shared__ uint32_t tileWeight[kTileN * kRowStride];
-    __shared__ int rowPos[2][kTileM];     // per-pixel popc(pos) over all of K, one partial per loader half
-    __shared__ int rowNonzero[2][kTileM];
-
+    __shared__ Tile tile;
     long long const m0 = static_cast<long long>(blockIdx.x) * kTileM;
     int const n0 = blockIdx.y * kTileN;
     int const tid = threadIdx.x;
-
-    // Loader role: thread tid fills words half*4 .. half*4+3 of row `loadRow` of the three tiles.
-    int const loadRow = tid >> 1;
-    int const half = tid & 1;
-    long long const loadPixel = m0 + loadRow;
-    bool const pixelValid = loadPixel < geo.pixels;
-    PixelCoord const loadAt = pixelCoord(geo, pixelValid ? loadPixel : 0);
-    int const loadO = n0 + loadRow;
-    bool const oValid = loadO < geo.outChannels;
-    uint32_t const* wrow = reinterpret_cast<uint32_t const*>(ts.weight) + static_cast<long long>(oValid ? loadO : 0) * geo.tapWords;
-    int myPos = 0;
-    int myNonzero = 0;
-
-    // MMA role.
-    int const warp = tid >> 5;
-    int const lane = tid & 31;
-    int const grp = lane >> 2;
-    int const tig = lane & 3;
-    int const warpM = (warp >> 1) * 32;
-    int const warpN = (warp & 1) * 32;
-    int accPos[2][4][4] = {};
-    int accNonzero[2][4][4] = {};
-
+    Loader loader(geo, ts, m0, n0, tid);
+    Accumulators acc{};
     for (int k0 = 0; k0 < geo.tapWords; k0 += kChunkWords)
     {
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-        {
-            int const slot = half * 4 + q;
-            int const kw = k0 + slot;
-            bool const inK = kw < geo.tapWords; // K is zero-padded to whole chunks: zero words add nothing
-            SignBits s{0u, 0u};
-            if (pixelValid && inK)
-            {
-                s = im2colSigns(pos, nonzero, geo, loadAt, kw);
-            }
-            tilePos[loadRow * kRowStride + slot] = s.pos;
-            tileNonzero[loadRow * kRowStride + slot] = s.nonzero;
-            myPos += popcount(s.pos);
-            myNonzero += popcount(s.nonzero);
-            tileWeight[loadRow * kRowStride + slot] = oValid && inK ? wrow[kw] : 0u;
-        }
+        loader.stage(tile, geo, pos, nonzero, k0);
         __syncthreads();
-
-        uint32_t aPos[2][4];
-        uint32_t aNonzero[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-        {
-            loadAFragment(tilePos, warpM + mt * 16 + grp, tig, aPos[mt]);
-            loadAFragment(tileNonzero, warpM + mt * 16 + grp, tig, aNonzero[mt]);
-        }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-        {
-            int const col = warpN + nt * 8 + grp;
-            uint32_t const b0 = tileWeight[col * kRowStride + tig];
-            uint32_t const b1 = tileWeight[col * kRowStride + tig + 4];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-            {
-                mmaAndPopc(accPos[mt][nt], aPos[mt], b0, b1);
-                mmaAndPopc(accNonzero[mt][nt], aNonzero[mt], b0, b1);
-            }
-        }
+        multiplyChunk(tile, tid >> 5, tid & 31, acc);
         __syncthreads();
     }
-    rowPos[half][loadRow] = myPos;
-    rowNonzero[half][loadRow] = myNonzero;
+    loader.publish(tile);
     __syncthreads();
+    epilogue<T>(tile, ts, geo, launchGroup(ts, geo), m0, n0, tid >> 5, tid & 31, acc);
+}
 
-    int const group = launchGroup(ts, geo);
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+#ifndef __CUDA_ARCH__
+namespace
+{
+
+// The PTX ISA's fragment layout of mma.m16n8k256 .b1 (grp = lane / 4, tig = lane % 4), written independently of
+// the kernel's loaders: A rows grp / grp+8 words tig / tig+4 in a[0..3] as (grp,tig) (grp+8,tig) (grp,tig+4)
+// (grp+8,tig+4); B column grp words tig, tig+4; D (grp,2tig) (grp,2tig+1) (grp+8,2tig) (grp+8,2tig+1).
+void emulateMma(int (*acc)[4], uint32_t const (*a)[4], uint32_t const (*b)[2])
+{
+    uint32_t A[16][8];
+    uint32_t B[8][8];
+    for (int lane = 0; lane < 32; ++lane)
     {
-#pragma unroll
-        for (int rowHalf = 0; rowHalf < 2; ++rowHalf)
+        int const grp = lane >> 2;
+        int const tig = lane & 3;
+        A[grp][tig] = a[lane][0];
+        A[grp + 8][tig] = a[lane][1];
+        A[grp][tig + 4] = a[lane][2];
+        A[grp + 8][tig + 4] = a[lane][3];
+        B[grp][tig] = b[lane][0];
+        B[grp][tig + 4] = b[lane][1];
+    }
+    for (int lane = 0; lane < 32; ++lane)
+    {
+        int const grp = lane >> 2;
+        int const tig = lane & 3;
+        int const rows[4] = {grp, grp, grp + 8, grp + 8};
+        int const cols[4] = {2 * tig, 2 * tig + 1, 2 * tig, 2 * tig + 1};
+        for (int r = 0; r < 4; ++r)
         {
-            int const row = warpM + mt * 16 + grp + rowHalf * 8;
-            long long const pixel = m0 + row;
-            if (pixel >= geo.pixels)
+            for (int w = 0; w < 8; ++w)
             {
-                continue;
+                acc[lane][r] += popcount(A[rows[r]][w] & B[cols[r]][w]);
             }
-            PixelCoord const at = pixelCoord(geo, pixel);
-            int const sumPos = rowPos[0][row] + rowPos[1][row];
-            int const sumNonzero = rowNonzero[0][row] + rowNonzero[1][row];
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
+        }
+    }
+}
+
+// One k-chunk of multiplyChunk for a whole warp, lane by lane, through the kernel's own fragment loaders.
+void emulateWarpChunk(Tile const& tile, int warp, std::vector<Accumulators>& lanes)
+{
+    for (int mt = 0; mt < kMTiles; ++mt)
+    {
+        uint32_t aPos[32][4];
+        uint32_t aNonzero[32][4];
+        for (int lane = 0; lane < 32; ++lane)
+        {
+            loadAFragment(tile.pos, warpRow(warp) + mt * 16, lane, aPos[lane]);
+            loadAFragment(tile.nonzero, warpRow(warp) + mt * 16, lane, aNonzero[lane]);
+        }
+        for (int nt = 0; nt < kNTiles; ++nt)
+        {
+            uint32_t b[32][2];
+            int accPos[32][4];
+            int accNonzero[32][4];
+            for (int lane = 0; lane < 32; ++lane)
             {
-#pragma unroll
-                for (int colOdd = 0; colOdd < 2; ++colOdd)
+                loadBFragment(tile, warpCol(warp) + nt * 8, lane, b[lane][0], b[lane][1]);
+                for (int r = 0; r < 4; ++r)
                 {
-                    int const o = n0 + warpN + nt * 8 + tig * 2 + colOdd;
-                    int const r = rowHalf * 2 + colOdd;
-                    if (o < geo.outChannels)
-                    {
-                        int const dot = dotFromCounts(accPos[mt][nt][r], accNonzero[mt][nt][r], sumPos, sumNonzero);
-                        storeOutput<T>(ts, geo, group, at, o, dot);
-                    }
+                    accPos[lane][r] = lanes[warp * 32 + lane].pos[mt][nt][r];
+                    accNonzero[lane][r] = lanes[warp * 32 + lane].nonzero[mt][nt][r];
+                }
+            }
+            emulateMma(accPos, aPos, b);
+            emulateMma(accNonzero, aNonzero, b);
+            for (int lane = 0; lane < 32; ++lane)
+            {
+                for (int r = 0; r < 4; ++r)
+                {
+                    lanes[warp * 32 + lane].pos[mt][nt][r] = accPos[lane][r];
+                    lanes[warp * 32 + lane].nonzero[mt][nt][r] = accNonzero[lane][r];
                 }
             }
         }
@@ -163,12 +132,59 @@ __global__ void __launch_bounds__(kThreads) tensorCoreConvKernel(
 } // namespace
 
 template <typename T>
+void emulateTensorCoreConv(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, uint32_t const* pos,
+    uint32_t const* nonzero)
+{
+    int const group = launchGroup(ts, geo);
+    Tile tile;
+    for (long long m0 = 0; m0 < geo.pixels; m0 += kTileM)
+    {
+        for (int n0 = 0; n0 < geo.outChannels; n0 += kTileN)
+        {
+            std::vector<Loader> loaders;
+            for (int tid = 0; tid < kThreads; ++tid)
+            {
+                loaders.emplace_back(geo, ts, m0, n0, tid);
+            }
+            std::vector<Accumulators> lanes(kThreads, Accumulators{});
+            for (int k0 = 0; k0 < geo.tapWords; k0 += kChunkWords)
+            {
+                for (Loader& l : loaders) // between the barriers every thread stages, then every warp multiplies
+                {
+                    l.stage(tile, geo, pos, nonzero, k0);
+                }
+                for (int warp = 0; warp < kThreads / 32; ++warp)
+                {
+                    emulateWarpChunk(tile, warp, lanes);
+                }
+            }
+            for (Loader& l : loaders)
+            {
+                l.publish(tile);
+            }
+            for (int tid = 0; tid < kThreads; ++tid)
+            {
+                epilogue<T>(tile, ts, geo, group, m0, n0, tid >> 5, tid & 31, lanes[tid]);
+            }
+        }
+    }
+}
+
+template void emulateTensorCoreConv<float>(
+    bdm_binary_conv_tensors const&, ConvGeometry const&, uint32_t const*, uint32_t const*);
+template void emulateTensorCoreConv<__half>(
+    bdm_binary_conv_tensors const&, ConvGeometry const&, uint32_t const*, uint32_t const*);
+#endif
+
+} // namespace tc
+
+template <typename T>
 void launchTensorCoreConv(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, uint32_t const* pos,
     uint32_t const* nonzero, cudaStream_t stream)
 {
-    dim3 const grid(static_cast<unsigned>((geo.pixels + kTileM - 1) / kTileM),
-        static_cast<unsigned>((geo.outChannels + kTileN - 1) / kTileN));
-    tensorCoreConvKernel<T><<<grid, kThreads, 0, stream>>>(ts, geo, pos, nonzero);
+    dim3 const grid(static_cast<unsigned>((geo.pixels + tc::kTileM - 1) / tc::kTileM),
+        static_cast<unsigned>((geo.outChannels + tc::kTileN - 1) / tc::kTileN));
+    tc::tensorCoreConvKernel<T><<<grid, tc::kThreads, 0, stream>>>(ts, geo, pos, nonzero);
 }
 
 template void launchTensorCoreConv<float>(

@@ -7,6 +7,13 @@
 #include <cstdint>
 #include <cuda_fp16.h>
 
+// `#pragma unroll` for code that is also compiled for the host (where g++ would warn about it).
+#ifdef __CUDA_ARCH__
+#define BDM_UNROLL _Pragma("unroll")
+#else
+#define BDM_UNROLL
+#endif
+
 namespace bdm
 {
 

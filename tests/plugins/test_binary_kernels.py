@@ -2,10 +2,12 @@
 op specs (plugin_spec_reference.py) and against the BI-DiffSR network's own BIConv layers on the reference
 goldens' inputs.
 
-Backends: "host" runs the device code's per-output functions on the CPU (every machine with nvcc); "simple"
-and "tensor_core" are the two GPU convolution kernels (skipped without a CUDA GPU). The results must be
-bit-identical to the reference: the integer dot product is exact and every epilogue step is one IEEE float32
-operation in the spec's order, so any difference is a bug, not rounding.
+Backends "<side>-<kernel>": side "host" runs the device code on the CPU through the C ABI's host path (every
+machine with nvcc): "host-simple" the straightforward kernel's per-output function, "host-tensor_core" the
+tensor-core kernel's own phases block by block with the mma emulated from the PTX ISA fragment layout; side "gpu"
+runs the two kernels on a CUDA GPU (skipped without one). The results must be bit-identical to the reference: the
+integer dot product is exact and every epilogue step is one IEEE float32 operation in the spec's order, so any
+difference is a bug, not rounding.
 """
 
 import json
@@ -18,7 +20,7 @@ import plugin_spec_reference as ref
 from bdm.errors import BdmError
 from bdm.plugins import kernels
 
-BACKENDS = ["host", "simple", "tensor_core"]
+BACKENDS = ["host-simple", "host-tensor_core", "gpu-simple", "gpu-tensor_core"]
 # t values: every group, both sides of each boundary, and clamping below 0 / above total_steps
 TIMESTEPS = [0, 399, 400, 1000, 1599, 1600, 1999, 2500, -5]
 # (in_channels, out_channels, kernel_size, pad_value, H, W): channels around and across multiples of 32, odd
@@ -40,7 +42,7 @@ def library(kernels_library):
 
 
 def on_backend(backend, array_or_tensor):
-    if backend == "host":
+    if backend.startswith("host"):
         return None if array_or_tensor is None else np.asarray(array_or_tensor)
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: the GPU kernels are checked on a machine with one")
@@ -85,7 +87,7 @@ def run_conv(library, backend, x, weight, alpha, t=None, tables=None, **attrs):
         on_backend(backend, alpha.numpy()), t=on_backend(backend, t),
         **{name: on_backend(backend, None if v is None else v.numpy()) for name, v in tables.items()},
         in_channels=weight.shape[1], out_channels=weight.shape[0], kernel_size=weight.shape[-1],
-        algo="auto" if backend == "host" else backend, library=library, **attrs))
+        algo=backend.split("-", 1)[1], library=library, **attrs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,7 +118,7 @@ def test_integer_dot_product_is_exact(library, backend, pad):
     assert np.abs(ours).max() > 100  # not a degenerate all-zero sign map
 
 
-@pytest.mark.parametrize("backend", ["host"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_padding_is_not_plus_minus_one(library, backend):
     """A constant +1 sign map: interior taps see 9*C, border taps fewer (padding 0), corners 4*C; pad_value=1
     gives 9*C everywhere. Exact counts, independent of the reference."""
@@ -154,7 +156,7 @@ def test_arguments_outside_the_spec_are_refused(library):
     weight, alpha, tables = conv_case(8, 8, 3, seed=1)
     x = make_x(8, 4, 4, torch.float32, seed=1)
     with pytest.raises(BdmError, match="invalid argument"):
-        run_conv(library, "host", x, weight, alpha, t=np.zeros(2, np.int32), tables=dict(tables, slope=None))
+        run_conv(library, "host-simple", x, weight, alpha, t=np.zeros(2, np.int32), tables=dict(tables, slope=None))
     with pytest.raises(BdmError, match="x must be float32 or float16"):
         kernels.binary_conv2d(x.double().numpy(), ref.pack_weight_signs(weight), alpha.numpy(), in_channels=8,
                               out_channels=8, kernel_size=3, library=library)
