@@ -199,3 +199,26 @@ def test_every_biconv_layer_of_the_golden_network(library, backend, golden_layer
                         t=np.full(x.shape[0], t0, dtype=np.int32), tables=tables, residual=1,
                         num_groups=module.num_groups, total_steps=module.total_steps)
         assert_bit_identical(ours, expected.numpy(), f"{name} at t={t0}")
+
+
+@pytest.mark.parametrize("backend", ["gpu-simple", "gpu-tensor_core"])
+def test_kernels_are_cuda_graph_capture_safe(library, backend):
+    """The launchers allocate nothing, synchronise nothing and read no device data on the host: they can be
+    captured in a CUDA graph, and replays with new inputs (new t, so another group) give fresh results."""
+    weight, alpha, tables = conv_case(64, 64, 3, seed=11)
+    x = on_backend(backend, make_x(64, 10, 12, torch.float32, seed=2).numpy())
+    t = on_backend(backend, np.array([100, 0], dtype=np.int32))
+    args = dict(in_channels=64, out_channels=64, kernel_size=3, library=library, algo=backend.split("-", 1)[1],
+                **{k: on_backend(backend, v.numpy()) for k, v in tables.items()})
+    packed, alpha_dev = on_backend(backend, ref.pack_weight_signs(weight)), on_backend(backend, alpha.numpy())
+    kernels.binary_conv2d(x, packed, alpha_dev, t=t, **args)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.binary_conv2d(x, packed, alpha_dev, t=t, **args)
+    for t0 in (100, 1700):
+        t.fill_(t0)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected, _ = ref.binary_conv2d(torch.from_numpy(to_numpy(x)), weight, alpha, t=np.array([t0]), **tables)
+        assert_bit_identical(to_numpy(y), expected.numpy(), f"replay t={t0}")
