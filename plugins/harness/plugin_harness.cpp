@@ -3,6 +3,12 @@
 // one op's creator and plugin through the build-time and serialization calls TensorRT makes.
 //
 //   bdm_plugin_harness LIB OP [field=value ...] -- dtype:d0,d1,... (one per input; dtype f32|f16|i32)
+//   bdm_plugin_harness --registration REGISTRY_DOUBLE LIB dlopen|load_library
+//
+// The second form checks registration into a process that already holds "libnvinfer" (the test double
+// registry_double.cpp, loaded RTLD_LOCAL as Python loads the real one): after a plain dlopen of LIB the bdm
+// creators must be self-registered, and IPluginRegistry::loadLibrary(LIB) must still succeed with each creator
+// registered exactly once.
 //
 // Prints one JSON object (creators, fields, checks, output shape/types, workspace, log) and exits 0 when every
 // check passed, 1 when one failed, 2 on a usage or load error. A plugin the creator refuses is a result
@@ -373,10 +379,53 @@ void exercisePlugin(IPluginCreatorV3One& creator, IPluginV3& plugin, std::string
     r.check("attach_to_context", attachOk);
 }
 
+std::string registeredJson(IPluginRegistry& registry)
+{
+    int32_t n = 0;
+    IPluginCreatorInterface* const* creators = registry.getAllCreators(&n);
+    std::string s = "[";
+    for (int32_t i = 0; i < n; ++i)
+    {
+        auto const* c = static_cast<IPluginCreatorV3One const*>(creators[i]);
+        s += (i ? ", " : "") + jsonString(std::string(c->getPluginNamespace()) + "::" + c->getPluginName());
+    }
+    return s + "]";
+}
+
+int runRegistration(char const* registryDouble, char const* library, std::string const& scenario)
+{
+    void* nvinfer = dlopen(registryDouble, RTLD_NOW | RTLD_LOCAL);
+    auto getRegistry = nvinfer ? reinterpret_cast<IPluginRegistry* (*) ()>(dlsym(nvinfer, "getPluginRegistry")) : nullptr;
+    if (!getRegistry || (scenario != "dlopen" && scenario != "load_library"))
+    {
+        std::fprintf(stderr, "cannot use %s as the registry, or unknown scenario %s\n", registryDouble, scenario.c_str());
+        return 2;
+    }
+    IPluginRegistry& registry = *getRegistry();
+    std::string afterDlopen = "null";
+    if (scenario == "dlopen")
+    {
+        if (!dlopen(library, RTLD_NOW | RTLD_LOCAL))
+        {
+            std::fprintf(stderr, "dlopen failed: %s\n", dlerror());
+            return 2;
+        }
+        afterDlopen = registeredJson(registry);
+    }
+    bool const loaded = registry.loadLibrary(library) != nullptr;
+    std::printf("{\"after_dlopen\": %s, \"load_library_ok\": %s, \"after_load_library\": %s}\n", afterDlopen.c_str(),
+        loaded ? "true" : "false", registeredJson(registry).c_str());
+    return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv)
 {
+    if (argc == 5 && std::string(argv[1]) == "--registration")
+    {
+        return runRegistration(argv[2], argv[3], argv[4]);
+    }
     if (argc < 3)
     {
         std::fprintf(stderr, "usage: %s LIB OP [field=value ...] -- dtype:d0,d1,... ...\n", argv[0]);

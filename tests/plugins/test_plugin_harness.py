@@ -129,3 +129,22 @@ def test_creator_refuses_attributes_outside_the_spec(adapter_build, change, mess
     report, _ = run_harness(build, "BinaryConv2d", fields)
     assert report["found"] and not report["created"]
     assert any(message in line for line in report["log"]), report["log"]
+
+
+@pytest.mark.parametrize("scenario", ["dlopen", "load_library"])
+def test_self_registration_without_double_registration(adapter_build, scenario):
+    """In a process that already holds libnvinfer.so.<major> (here the registry test double, loaded RTLD_LOCAL
+    like Python loads the real one): a plain dlopen (polygraphy --plugins, ctypes) registers the creators, and
+    IPluginRegistry::loadLibrary afterwards (or alone) still succeeds with every creator registered once."""
+    build, _ = adapter_build
+    major = build.tensorrt_version.split(".")[0]
+    double = build.build_dir / "test_registry_double" / f"libnvinfer.so.{major}"
+    proc = subprocess.run([str(build.harness), "--registration", str(double), str(build.plugins), scenario],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    expected = sorted(f"bdm::{name}" for name in spec.ops())
+    if scenario == "dlopen":
+        assert sorted(report["after_dlopen"]) == expected
+    assert report["load_library_ok"]
+    assert sorted(report["after_load_library"]) == expected
