@@ -13,7 +13,7 @@ import pytest
 from bdm.plugins import build as plugin_build
 from bdm.plugins import spec
 
-from conftest import BUILD_DIR, require_toolchain, tensorrt_header_dirs
+from plugin_test_support import BUILD_DIR, require_toolchain, tensorrt_header_dirs
 
 HEADER_DIRS = tensorrt_header_dirs()
 # Sizes chosen to hit the awkward cases: channels not a multiple of 32, odd H and W, batch 2.
