@@ -30,6 +30,19 @@ quantizes). The four square roots are taken by torch on 0-d fp32 tensors, as in 
 array arithmetic is fp32 in the order above: replaying the stored noise predictions of the official run
 reproduces its trajectory bit for bit.
 
+The LDM variant (`ldm_ddim_schedule`, for unconditional LDM-style models such as BinaryDM) runs the same three
+equations with the tables of LDM's `DDIMSampler` (ldm/models/diffusion/ddim.py, eta = 0):
+
+    beta_k       (linspace(linear_start**0.5, linear_end**0.5, T, float64))**2   `make_beta_schedule('linear')`
+    abar_k       cumprod(1 - beta) in float64, stored as float32 (`register_schedule`)
+    t_i          range(0, T, T // S) + 1, descending (991, 981, ..., 1 for S=100, T=1000); when T % S != 0
+                 this gives more than S steps, exactly as LDM does (`make_ddim_timesteps`, 'uniform')
+    abar_prev    abar[t_{i+1}] and, at the last step, abar[0] (not 1: `make_ddim_sampling_parameters`)
+    (2) skipped  LDM's DDIMSampler never clips x0 (it has no such option; the DDPM `clip_denoised` flag is
+                 not used by DDIM), so `Schedule.clip_x0` is False
+sqrt(1 - abar_t) is numpy's float32 sqrt (`np.sqrt(1. - ddim_alphas)`), the other three torch's; sigma_t = 0
+makes LDM's noise term `0 * randn` and its `- sigma_t**2` exact no-ops.
+
 Arrays: the step uses only `*`, `-`, `/`, `+` and `.clip()`, so numpy, torch and cupy arrays all work (the
 TensorRT backend keeps x on the GPU); the coefficients are Python floats holding fp32 values exactly.
 """
@@ -77,6 +90,7 @@ class Schedule:
     sqrt_alpha_bar_prev: np.ndarray        # float32 [S], sqrt(abar_prev)
     sqrt_one_minus_alpha_bar_prev: np.ndarray  # float32 [S], sqrt(1 - abar_prev)
     num_train_timesteps: int
+    clip_x0: bool = True                   # step (2); False for LDM's DDIMSampler
 
     def __len__(self):
         return len(self.timesteps)
@@ -112,6 +126,42 @@ def ddim_schedule(steps: int = DEFAULT_STEPS, num_train_timesteps: int = NUM_TRA
                     num_train_timesteps)
 
 
+# LDM's DDPM defaults (ldm/models/diffusion/ddpm.py), used where the LDM YAML's model.params leaves them out.
+LDM_NUM_TRAIN_TIMESTEPS = 1000
+LDM_LINEAR_START = 1e-4
+LDM_LINEAR_END = 2e-2
+LDM_DEFAULT_STEPS = 100  # BinaryDM's sampling setting (DDIM, 100 steps)
+
+
+def ldm_alphas_cumprod(num_train_timesteps: int = LDM_NUM_TRAIN_TIMESTEPS, linear_start: float = LDM_LINEAR_START,
+                       linear_end: float = LDM_LINEAR_END) -> np.ndarray:
+    """abar_k for k = 0..T-1 as LDM's `register_schedule` stores it: float64 betas and product, then float32."""
+    import torch
+
+    betas = (torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_train_timesteps,
+                            dtype=torch.float64) ** 2).numpy()
+    return np.cumprod(1.0 - betas, axis=0).astype(np.float32)
+
+
+def ldm_ddim_schedule(steps: int = LDM_DEFAULT_STEPS, num_train_timesteps: int = LDM_NUM_TRAIN_TIMESTEPS,
+                      linear_start: float = LDM_LINEAR_START, linear_end: float = LDM_LINEAR_END) -> Schedule:
+    """LDM's DDIMSampler schedule (eta = 0, 'uniform'): t = range(0, T, T // S) + 1, abar_prev of the last step
+    abar[0], no x0 clipping (module docstring)."""
+    if not 1 <= steps <= num_train_timesteps // 2:
+        raise BdmError(f"--steps {steps} is outside 1..{num_train_timesteps // 2} (LDM's DDIM needs T // steps >= 2 "
+                       f"for T = {num_train_timesteps} training timesteps); use {LDM_DEFAULT_STEPS}, BinaryDM's setting")
+    table = ldm_alphas_cumprod(num_train_timesteps, linear_start, linear_end)
+    ascending = np.arange(0, num_train_timesteps, num_train_timesteps // steps, dtype=np.int64) + 1
+    alpha_bar = table[ascending]
+    alpha_bar_prev = np.concatenate([table[:1], table[ascending[:-1]]])
+    timesteps, alpha_bar, alpha_bar_prev = ascending[::-1].copy(), alpha_bar[::-1].copy(), alpha_bar_prev[::-1].copy()
+    one = np.float32(1.0)
+    return Schedule(timesteps, alpha_bar, alpha_bar_prev,
+                    _sqrt_like_torch(alpha_bar), np.sqrt(one - alpha_bar),
+                    _sqrt_like_torch(alpha_bar_prev), _sqrt_like_torch(one - alpha_bar_prev),
+                    num_train_timesteps, clip_x0=False)
+
+
 def ddim_step(x, eps, schedule: Schedule, i: int):
     """Step i of the schedule on the whole image, equations (1)-(3) of the module docstring.
 
@@ -119,7 +169,8 @@ def ddim_step(x, eps, schedule: Schedule, i: int):
     array arithmetic stays fp32 in numpy, torch and cupy alike.
     """
     x0 = (x - float(schedule.sqrt_one_minus_alpha_bar[i]) * eps) / float(schedule.sqrt_alpha_bar[i])  # (1)
-    x0 = x0.clip(-1.0, 1.0)                                                                             # (2)
+    if schedule.clip_x0:
+        x0 = x0.clip(-1.0, 1.0)                                                                         # (2)
     x_prev = (float(schedule.sqrt_alpha_bar_prev[i]) * x0
               + float(schedule.sqrt_one_minus_alpha_bar_prev[i]) * eps)                                 # (3)
     return x_prev, x0
@@ -142,13 +193,14 @@ EpsFn = Callable[[object, object, int], object]
 
 def sample(eps_fn: EpsFn, cond, noise, schedule: Schedule,
            callback: Optional[Callable[[StepInfo], None]] = None):
-    """Run the whole DDIM loop from the initial noise x_T and return the final x (= clipped x0).
+    """Run the whole DDIM loop from the initial noise x_T and return the final x (the BI-DiffSR schedule: the
+    clipped x0 of the last step).
 
-    `eps_fn(x, cond, t)` gets the full current sample, the condition and the integer timestep t_i, and
-    returns eps of x's shape. `callback(StepInfo)` runs after every step; raising from it stops sampling
+    `eps_fn(x, cond, t)` gets the full current sample, the condition (None for an unconditional model) and the
+    integer timestep t_i, and returns eps of x's shape. `callback(StepInfo)` runs after every step; raising from it stops sampling
     (the NaN/Inf guard does this).
     """
-    if tuple(noise.shape) != tuple(cond.shape):
+    if cond is not None and tuple(noise.shape) != tuple(cond.shape):
         raise BdmError(f"initial noise has shape {tuple(noise.shape)} but the padded condition is "
                        f"{tuple(cond.shape)}; draw the noise for the padded condition")
     x = noise
