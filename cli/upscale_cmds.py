@@ -86,7 +86,7 @@ def upscale(
     schedule = _schedule_options(options)
     runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
     if scale is None:
-        scale = options.get("scale") or getattr(runner, "metadata", {}).get("scale")
+        scale = options.get("scale") or getattr(runner, "metadata", {}).get("bdm.scale")
         if scale is None:
             print(f"bdm: no --scale and no scale in the config; using x{RELEASED_SCALE} (the released model)",
                   file=sys.stderr)

@@ -2,6 +2,8 @@
 
     runner.infer({"x_t": x, "cond": c, "t": t}) -> {"eps": eps}
 
+An unconditional model (BinaryDM, `bdm generate`) takes no cond: its feeds and `input_names` are ("x_t", "t").
+
 x_t, cond: float32 [N, 3, H, W] (H, W multiples of 8); t: int64 [N] (one timestep for the whole batch, or
 [1], broadcast); eps: float32 [N, 3, H, W]. Each runner also states what it accepts (`Limits`: batch, the
 smallest/largest H and W, the dtype it computes in) and where the sampler state should live
@@ -20,6 +22,7 @@ a host int64 array. Runners take float32 and return float32; one that computes i
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ import numpy as np
 from bdm.errors import BdmError
 
 INPUT_NAMES = ("x_t", "cond", "t")
+UNCONDITIONAL_INPUT_NAMES = ("x_t", "t")
 OUTPUT_NAME = "eps"
 
 
@@ -57,6 +61,7 @@ class Runner:
 
     name = "runner"
     limits = Limits()
+    input_names = INPUT_NAMES  # or UNCONDITIONAL_INPUT_NAMES
 
     def describe(self) -> str:
         return self.name
@@ -98,6 +103,8 @@ class TorchRunner(Runner):
 
             model = bdm.load_model(_check_file(ckpt, "checkpoint", "--ckpt"), config=config)
         self.model = model.eval().to(self.device)
+        parameters = inspect.signature(self.model.forward).parameters
+        self.input_names = tuple(n for n in INPUT_NAMES if n in parameters)
         self.name = f"PyTorch ({self.device.type})"
         self.source = str(ckpt) if ckpt is not None else "in-memory model"
 
@@ -107,7 +114,7 @@ class TorchRunner(Runner):
     def infer(self, feed: dict) -> dict:
         torch = self.torch
         with torch.inference_mode():
-            args = [torch.as_tensor(np.asarray(feed[name])).to(self.device) for name in INPUT_NAMES]
+            args = [torch.as_tensor(np.asarray(feed[name])).to(self.device) for name in self.input_names]
             eps = self.model(*args)
         return {OUTPUT_NAME: eps.float().cpu().numpy()}
 
@@ -134,12 +141,14 @@ class OrtRunner(Runner):
             raise BdmError(f"--onnx {path}: ONNX Runtime cannot load it ({reason}); "
                            "export it again with `bdm export`") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = [n for n in INPUT_NAMES if n not in inputs]
+        self.input_names = tuple(n for n in INPUT_NAMES if n in inputs)
+        missing = [n for n in UNCONDITIONAL_INPUT_NAMES if n not in inputs]
         outputs = [o.name for o in self.session.get_outputs()]
         if missing or OUTPUT_NAME not in outputs:
             raise BdmError(f"--onnx {path} has inputs {list(inputs)} and outputs {outputs}; a bdm model has "
-                           f"inputs {list(INPUT_NAMES)} and output {OUTPUT_NAME!r} (export it with `bdm export`)")
-        self.input_types = {n: _ORT_TYPES.get(inputs[n].type, np.float32) for n in INPUT_NAMES}
+                           f"inputs {list(INPUT_NAMES)} (unconditional: {list(UNCONDITIONAL_INPUT_NAMES)}) and output "
+                           f"{OUTPUT_NAME!r} (export it with `bdm export`)")
+        self.input_types = {n: _ORT_TYPES.get(inputs[n].type, np.float32) for n in self.input_names}
         batch = inputs["x_t"].shape[0]
         self.limits = Limits(dtype=np.dtype(self.input_types["x_t"]).name,
                              max_batch=batch if isinstance(batch, int) else None)
@@ -149,10 +158,12 @@ class OrtRunner(Runner):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def describe(self) -> str:
-        return f"{self.name}, model {self.path}"
+        source = self.metadata.get("bdm.checkpoint")
+        return f"{self.name}, model {self.path}" + (f" (exported from checkpoint {source})" if source else "")
 
     def infer(self, feed: dict) -> dict:
-        ort_feed = {n: np.ascontiguousarray(np.asarray(feed[n]), dtype=self.input_types[n]) for n in INPUT_NAMES}
+        ort_feed = {n: np.ascontiguousarray(np.asarray(feed[n]), dtype=self.input_types[n])
+                    for n in self.input_names}
         if ort_feed["t"].shape[0] != ort_feed["x_t"].shape[0]:
             ort_feed["t"] = np.broadcast_to(ort_feed["t"], ort_feed["x_t"].shape[:1]).copy()
         (eps,) = self.session.run([OUTPUT_NAME], ort_feed)
