@@ -18,9 +18,9 @@ app = typer.Typer(
 
 
 def _register():
-    from bdm.cli import engine_cmds, export_cmds, upscale_cmds
+    from bdm.cli import engine_cmds, export_cmds, generate_cmds, upscale_cmds
 
-    for module in (export_cmds, engine_cmds, upscale_cmds):
+    for module in (export_cmds, engine_cmds, upscale_cmds, generate_cmds):
         module.register(app)
 
 

@@ -158,6 +158,39 @@ def unet_params(config=None) -> dict:
     return params
 
 
+# LDM's DDPM defaults (ldm/models/diffusion/ddpm.py) for the keys of model.params a YAML leaves out.
+_LDM_SCHEDULE_DEFAULTS = {"timesteps": 1000, "linear_start": 1e-4, "linear_end": 2e-2}
+_PIXEL_FIRST_STAGE = "IdentityFirstStage"
+# model.params of the official bedrooms.yaml (the released config's schedule; ARCHITECTURE.md section 3).
+_BEDROOMS_SCHEDULE = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195}
+
+
+def sampling_options(config=None) -> dict:
+    """What sampling needs beyond the UNet, from an LDM YAML path / dict (None: the released bedrooms model):
+    {"timesteps", "linear_start", "linear_end"} (model.params, LDM's defaults where absent), "image_size" and
+    "channels" of x_t (the UNet's), and "space": "pixel", or "latent" when model.params.first_stage_config is a
+    real autoencoder (its decoder is not part of the exported UNet). A bare UNet params dict or golden JSON names no
+    first stage and counts as pixel space. beta_schedule other than linear and parameterization other than eps
+    are refused."""
+    unet = unet_params(config)
+    model_params = dict(_BEDROOMS_SCHEDULE) if config is None else {}
+    space = "latent" if config is None else "pixel"
+    if config is not None:
+        mapping, source = _load_mapping(config)
+        if isinstance(mapping.get("model"), dict):
+            model_params = mapping["model"].get("params") or {}
+            first_stage = model_params.get("first_stage_config")
+            target = first_stage.get("target", "") if isinstance(first_stage, dict) else str(first_stage or "")
+            if target and not target.endswith(_PIXEL_FIRST_STAGE):
+                space = "latent"
+        for key, supported in (("beta_schedule", "linear"), ("parameterization", "eps")):
+            if model_params.get(key, supported) != supported:
+                raise BdmError(f"{source}: model.params.{key} {model_params[key]!r} is not supported; bdm samples "
+                               f"{supported!r} models (LDM's DDIMSampler, linear betas, eps prediction)")
+    options = {key: model_params.get(key, default) for key, default in _LDM_SCHEDULE_DEFAULTS.items()}
+    return {**options, "image_size": unet["image_size"], "channels": unet["in_channels"], "space": space}
+
+
 # --------------------------------------------------------------------------- blocks
 class TimestepEmbedSequential(nn.Sequential):
     """Children in order; ResBlocks also get the timestep embedding."""

@@ -150,8 +150,12 @@ def ldm_ddim_schedule(steps: int = LDM_DEFAULT_STEPS, num_train_timesteps: int =
     if not 1 <= steps <= num_train_timesteps // 2:
         raise BdmError(f"--steps {steps} is outside 1..{num_train_timesteps // 2} (LDM's DDIM needs T // steps >= 2 "
                        f"for T = {num_train_timesteps} training timesteps); use {LDM_DEFAULT_STEPS}, BinaryDM's setting")
-    table = ldm_alphas_cumprod(num_train_timesteps, linear_start, linear_end)
     ascending = np.arange(0, num_train_timesteps, num_train_timesteps // steps, dtype=np.int64) + 1
+    if ascending[-1] >= num_train_timesteps:
+        raise BdmError(f"--steps {steps}: LDM's DDIM timesteps range(0, {num_train_timesteps}, "
+                       f"{num_train_timesteps // steps}) + 1 reach t = {ascending[-1]}, past the last training timestep "
+                       f"(LDM itself fails there); choose another step count, e.g. {LDM_DEFAULT_STEPS}")
+    table = ldm_alphas_cumprod(num_train_timesteps, linear_start, linear_end)
     alpha_bar = table[ascending]
     alpha_bar_prev = np.concatenate([table[:1], table[ascending[:-1]]])
     timesteps, alpha_bar, alpha_bar_prev = ascending[::-1].copy(), alpha_bar[::-1].copy(), alpha_bar_prev[::-1].copy()
@@ -197,8 +201,8 @@ def sample(eps_fn: EpsFn, cond, noise, schedule: Schedule,
     clipped x0 of the last step).
 
     `eps_fn(x, cond, t)` gets the full current sample, the condition (None for an unconditional model) and the
-    integer timestep t_i, and returns eps of x's shape. `callback(StepInfo)` runs after every step; raising from it stops sampling
-    (the NaN/Inf guard does this).
+    integer timestep t_i, and returns eps of x's shape. `callback(StepInfo)` runs after every step; raising from
+    it stops sampling (the NaN/Inf guard does this).
     """
     if cond is not None and tuple(noise.shape) != tuple(cond.shape):
         raise BdmError(f"initial noise has shape {tuple(noise.shape)} but the padded condition is "

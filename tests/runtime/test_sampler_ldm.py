@@ -86,7 +86,9 @@ def test_clipping_still_applies_to_the_bi_diffsr_schedule():
     assert ddim_schedule(10).clip_x0 and np.abs(final).max() <= 1.0
 
 
-@pytest.mark.parametrize("steps", [0, 501, 1000])
-def test_step_counts_ldm_cannot_run_are_refused(steps):
-    with pytest.raises(BdmError, match="outside 1..500"):
+@pytest.mark.parametrize("steps, text", [(0, "outside 1..500"), (501, "outside 1..500"), (1000, "outside 1..500"),
+                                         (3, "reach t = 1000")])
+def test_step_counts_ldm_cannot_run_are_refused(steps, text):
+    """3 steps: range(0, 1000, 333) + 1 ends at 1000, where LDM's alphacums[1000] raises IndexError."""
+    with pytest.raises(BdmError, match=text):
         ldm_ddim_schedule(steps)
