@@ -148,7 +148,8 @@ def main(steps: int = 50, size: int = 64, only: Optional[List[str]] = None, stre
             result = json.loads(run.stdout.strip().splitlines()[-1])
             results.append(result)
             gpu = f", peak CUDA {result['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in result else ""
-            print(f"  {result['backend']:24s} {result['step_s']:.3f} s/step (first {result['first_step_s']:.3f} s), "
+            print(f"  {result['backend']:24s} {result['step_s']:.3f} s/step median (mean {result['mean_step_s']:.3f}, "
+                  f"first {result['first_step_s']:.3f}), "
                   f"end to end {result['end_to_end_s']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB{gpu}",
                   file=stream, flush=True)
     return results
