@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdm.errors import BdmError
+from bdm.plugins.multibasis_reference import pack_bases
 
 MODES = ("static", "dynamic", "w1a32", "fp")
 ACT_BITS = (4, 8, None)  # None: the layer never quantizes its input
@@ -117,21 +118,6 @@ class BinarizedLayerExport:
     zero_signs: List[Tuple[int, Tuple[int, ...]]]
 
 
-def pack_sign_plane(plane: torch.Tensor) -> torch.Tensor:
-    """int8 signs [O, I, *taps] (+1/-1 only) -> int32 [O, *taps, ceil(I/32)], common.yaml bit_layout: bit b of word
-    w holds input channel 32*w + b, lsb first, 1 means +1, unused bits 0."""
-    if (plane == 0).any():
-        raise BdmError("a sign plane holds 0 (an exact-zero latent weight or residual); one bit cannot hold it")
-    channels_last = plane.movedim(1, -1)
-    in_channels = channels_last.shape[-1]
-    words = -(-in_channels // 32)
-    bits = torch.zeros(channels_last.shape[:-1] + (words * 32,), dtype=torch.int64)
-    bits[..., :in_channels] = (channels_last > 0).to(torch.int64)
-    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64), torch.arange(32))
-    packed = (bits.reshape(bits.shape[:-1] + (words, 32)) * weights).sum(-1)
-    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
-
-
 class BinarizedLayer(nn.Module):
     """Common part of BNNConv2d / BNNConv1d / BNNLinear: latent weight [O, I, *taps], bias [O] (always present),
     scaling_first_order / scaling_second_order [O, 1, ...] (s1, s2), quantizer_a.alpha [1].
@@ -215,7 +201,7 @@ class BinarizedLayer(nn.Module):
             return BinarizedLayerExport(
                 kind=self.kind, weight_shape=tuple(self.weight.shape), stride=self.stride, padding=self.padding,
                 order=self.order, sign_planes=planes,
-                packed_signs=None if zeros else torch.stack([pack_sign_plane(p) for p in planes]),
+                packed_signs=None if zeros else torch.from_numpy(pack_bases(planes.numpy())),
                 scales=torch.stack([s.detach().reshape(-1).float().cpu() for s in scales]),
                 bias=self.bias.detach().float().cpu(), act_bits=self.act_bits if self.quantizes_input() else None,
                 act_step=self.quantizer_a.alpha.detach().float().cpu(), zero_signs=zeros)

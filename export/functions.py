@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from bdm.export.multibasis_functions import multibasis_conv_body
 from bdm.plugins import packing, spec
 from bdm.plugins.reference import complete_attributes
 
@@ -134,7 +135,8 @@ def _timestep_rprelu(b: _Body, x, t, bias0, slope, bias1, y):
 
 
 _BODIES = {"BinaryConv2d": _binary_conv2d, "BinarySignConv2d": _binary_sign_conv2d,
-           "TimestepBias": _timestep_bias, "TimestepRPReLU": _timestep_rprelu}
+           "TimestepBias": _timestep_bias, "TimestepRPReLU": _timestep_rprelu,
+           "MultiBasisConv": multibasis_conv_body}  # BinaryDM's layer: body in multibasis_functions.py
 
 
 def make_function(op_type: str, opset: int) -> onnx.FunctionProto:

@@ -14,6 +14,7 @@ from typing import Dict
 import numpy as np
 
 from bdm.plugins import packing, spec
+from bdm.plugins.multibasis_reference import multibasis_conv
 
 
 def group_index(t: np.ndarray, num_groups: int, total_steps: int) -> int:
@@ -88,7 +89,7 @@ def timestep_rprelu(x, t, bias0, slope, bias1, *, channels, num_groups, total_st
 
 
 OPS = {"BinaryConv2d": binary_conv2d, "BinarySignConv2d": binary_sign_conv2d, "TimestepBias": timestep_bias,
-       "TimestepRPReLU": timestep_rprelu}
+       "TimestepRPReLU": timestep_rprelu, "MultiBasisConv": multibasis_conv}
 
 
 def complete_attributes(op_type: str, attributes: Dict[str, int]) -> Dict[str, int]:

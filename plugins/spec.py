@@ -26,6 +26,11 @@ def ops() -> dict:
     return found
 
 
+def plugin_ops() -> dict:
+    """The ops with a TensorRT plugin: all but those whose spec says `tensorrt_plugin: false` (kernel not written)."""
+    return {name: op for name, op in ops().items() if op.get("tensorrt_plugin", True)}
+
+
 def op(name: str) -> dict:
     return ops()[name]
 

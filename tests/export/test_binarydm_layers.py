@@ -4,20 +4,17 @@ Every mode of every case must match bit for bit on one thread (the official fp32
 step); the acceptance bound max|ours - official| <= 1e-5 * max|official| is asserted as well, so a failure says
 which of the two broke."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm import AttentionBlock, ResBlock, binarized_layers
-from bdm.export.binarydm_layers import (MODES, BNNConv1d, BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
-                                        dynamic_step, effective_step, official_scale_init, pack_sign_plane, set_mode)
+from bdm.export.binarydm_layers import (MODES, BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
+                                        dynamic_step, effective_step, official_scale_init, set_mode)
+from bdm.plugins.multibasis_reference import pack_bases, sign_bases
+from bdm.plugins.packing import ZeroWeightError
 
-LAYER_CASES = ["conv3x3_s1_order2", "conv3x3_s2_order2", "conv1x1_order1", "conv1d_qkv_order2", "linear_emb_order2",
-               "conv3x3_s1_order2_a8"]
-BOUND = 1e-5
+from binarydm_goldens import LAYER_CASES, assert_within_bound, build_case, build_layer, golden  # tests/export
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,31 +27,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def golden(bdm_ref, case):
-    meta = json.loads((bdm_ref / f"{case}.json").read_text())
-    state = torch.load(bdm_ref / f"{case}.pt", weights_only=True)
-    arrays = {k: torch.from_numpy(v) for k, v in np.load(bdm_ref / f"{case}.npz").items()}
-    return meta, state, arrays
-
-
 def assert_matches(ours, official, what):
-    err = float((ours - official).abs().max())
-    bound = BOUND * float(official.abs().max())
-    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
-    assert torch.equal(ours, official), f"{what}: within the bound ({err:.3g}) but not bit-exact"
-
-
-def build_layer(meta, state):
-    c = meta["constructor"]
-    bits = meta["act_quantizer"]["nbits"]
-    if meta["official_class"] == "BNNLinear":
-        layer = BNNLinear(c["in_features"], c["out_features"], order=c["order"], act_bits=bits)
-    else:
-        cls = {"BNNConv2d": BNNConv2d, "BNNConv1d": BNNConv1d}[meta["official_class"]]
-        layer = cls(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"],
-                    order=c["order"], act_bits=bits)
-    layer.load_state_dict(state, strict=True)
-    return layer
+    err = assert_within_bound(ours, official, what)
+    assert torch.equal(ours, official), f"{what}: within the bound ({err:.3g} relative) but not bit-exact"
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
@@ -108,9 +83,7 @@ def test_effective_step_is_grad_scale_arithmetic():
 
 
 def test_attention_core_every_mode(bdm_ref):
-    meta, state, arrays = golden(bdm_ref, "attention_core_legacy")
-    attention = QuantizedQKVAttention(meta["constructor"]["n_heads"], act_bits=meta["act_quantizer"]["nbits"])
-    attention.load_state_dict(state, strict=True)
+    attention, _, arrays = build_case(bdm_ref, "attention_core_legacy")
     for mode in ("static", "dynamic", "fp"):
         set_mode(attention, mode)
         assert_matches(attention(arrays["x"]), arrays[f"y_{mode}"], f"attention {mode}")
@@ -152,24 +125,14 @@ def test_attention_probabilities_clip_at_qp_steps(bdm_ref):
 
 
 def test_resblock_every_mode(bdm_ref):
-    meta, state, arrays = golden(bdm_ref, "resblock_32to64_order2")
-    c = meta["constructor"]
-    block = ResBlock(c["channels"], c["emb_channels"], c["out_channels"], meta["act_quantizer"]["nbits"])
-    block.load_state_dict(state, strict=True)
-    for _, layer in binarized_layers(block):
-        layer.configure(order=meta["order"])
+    block, _, arrays = build_case(bdm_ref, "resblock_32to64_order2")
     for mode in MODES:
         set_mode(block, mode)
         assert_matches(block(arrays["x"], arrays["emb"]), arrays[f"y_{mode}"], f"resblock {mode}")
 
 
 def test_attention_block_every_mode(bdm_ref):
-    meta, state, arrays = golden(bdm_ref, "attnblock_64_order1")
-    c = meta["constructor"]
-    block = AttentionBlock(c["channels"], c["channels"] // c["num_head_channels"], meta["act_quantizer"]["nbits"])
-    block.load_state_dict(state, strict=True)
-    for _, layer in binarized_layers(block):
-        layer.configure(order=meta["order"])
+    block, _, arrays = build_case(bdm_ref, "attnblock_64_order1")
     for mode in MODES:
         set_mode(block, mode)
         assert_matches(block(arrays["x"]), arrays[f"y_{mode}"], f"attention block {mode}")
@@ -192,14 +155,15 @@ def test_export_view_packs_both_bases(bdm_ref):
     assert torch.equal(unpacked.to(torch.int8), view.sign_planes)
 
 
-def test_pack_sign_plane_layout_and_zero_refusal():
-    plane = -torch.ones(2, 40, dtype=torch.int8)  # linear [O=2, I=40]: two words, 24 unused bits in the second
-    plane[0, 0] = plane[0, 31] = plane[1, 33] = 1
-    packed = pack_sign_plane(plane)
-    assert packed.tolist() == [[1 | -(2 ** 31), 0], [0, 2]]
-    plane[1, 5] = 0
-    with pytest.raises(BdmError, match="exact-zero"):
-        pack_sign_plane(plane)
+def test_pack_bases_layout_and_zero_refusal():
+    planes = -np.ones((1, 2, 40), dtype=np.int8)  # linear [O=2, I=40]: two words, 24 unused bits in the second
+    planes[0, 0, 0] = planes[0, 0, 31] = planes[0, 1, 33] = 1
+    packed = pack_bases(planes)
+    assert packed.dtype == np.int32 and packed.tolist() == [[[1 | -(2 ** 31), 0], [0, 2]]]
+    assert np.array_equal(sign_bases(packed, 40), planes)
+    planes[0, 1, 5] = 0
+    with pytest.raises(ZeroWeightError, match="exact-zero"):
+        pack_bases(planes)
 
 
 def test_exact_zero_weight_reported_in_both_bases():

@@ -85,7 +85,7 @@ def test_build_names_the_header_version_and_needs_no_tensorrt_library(adapter_bu
     assert {line.split()[-1] for line in exported.splitlines() if " T " in line} == {"getCreators", "setLoggerFinder"}
 
 
-@pytest.mark.parametrize("op_name", sorted(spec.ops()))
+@pytest.mark.parametrize("op_name", sorted(spec.plugin_ops()))
 @pytest.mark.parametrize("x_dtype", ["float32", "float16"])
 def test_harness_exercises_each_creator(adapter_build, op_name, x_dtype):
     build, _ = adapter_build
@@ -94,7 +94,7 @@ def test_harness_exercises_each_creator(adapter_build, op_name, x_dtype):
     assert rc == 0 and all(report["checks"].values()), report["checks"]
     # every op of the specs has a creator, with the spec's attribute names in order, namespace and version
     creators = {c["name"]: c for c in report["creators"]}
-    assert set(creators) == set(spec.ops())
+    assert set(creators) == set(spec.plugin_ops())
     creator = creators[op_name]
     assert creator["fields"] == list(spec.op(op_name)["attributes"])
     assert (creator["namespace"], creator["version"], creator["kind"]) == (
@@ -143,7 +143,7 @@ def test_self_registration_without_double_registration(adapter_build, scenario):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    expected = sorted(f"bdm::{name}" for name in spec.ops())
+    expected = sorted(f"bdm::{name}" for name in spec.plugin_ops())
     if scenario == "dlopen":
         assert sorted(report["after_dlopen"]) == expected
     assert report["load_library_ok"]

@@ -1,0 +1,65 @@
+"""Shared by the BinaryDM tests: the per-layer, attention and block goldens of shared/reference/binarydm, and the
+modules they were made with, built from each case's JSON and loaded from its state_dict."""
+
+import json
+
+import numpy as np
+import torch
+
+from bdm.export.binarydm import AttentionBlock, ResBlock, binarized_layers
+from bdm.export.binarydm_layers import BNNConv1d, BNNConv2d, BNNLinear, QuantizedQKVAttention
+
+LAYER_CASES = ["conv3x3_s1_order2", "conv3x3_s2_order2", "conv1x1_order1", "conv1d_qkv_order2", "linear_emb_order2",
+               "conv3x3_s1_order2_a8"]
+BLOCK_CASES = ["resblock_32to64_order2", "attnblock_64_order1"]
+ATTENTION_CASE = "attention_core_legacy"
+BOUND = 1e-5
+
+
+def golden(bdm_ref, case):
+    meta = json.loads((bdm_ref / f"{case}.json").read_text())
+    state = torch.load(bdm_ref / f"{case}.pt", weights_only=True)
+    arrays = {k: torch.from_numpy(v) for k, v in np.load(bdm_ref / f"{case}.npz").items()}
+    return meta, state, arrays
+
+
+def build_layer(meta, state):
+    c = meta["constructor"]
+    bits = meta["act_quantizer"]["nbits"]
+    if meta["official_class"] == "BNNLinear":
+        layer = BNNLinear(c["in_features"], c["out_features"], order=c["order"], act_bits=bits)
+    else:
+        cls = {"BNNConv2d": BNNConv2d, "BNNConv1d": BNNConv1d}[meta["official_class"]]
+        layer = cls(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"],
+                    order=c["order"], act_bits=bits)
+    layer.load_state_dict(state, strict=True)
+    return layer
+
+
+def build_case(bdm_ref, case):
+    """(module, inputs, arrays) of any layer, attention or block case: module(*inputs) is the official call."""
+    meta, state, arrays = golden(bdm_ref, case)
+    bits = meta["act_quantizer"]["nbits"]
+    c = meta["constructor"]
+    if case in LAYER_CASES:
+        return build_layer(meta, state), (arrays["x"],), arrays
+    if case == ATTENTION_CASE:
+        module = QuantizedQKVAttention(c["n_heads"], act_bits=bits)
+        inputs = (arrays["x"],)
+    elif meta["official_class"].endswith("ResBlock"):
+        module = ResBlock(c["channels"], c["emb_channels"], c["out_channels"], bits)
+        inputs = (arrays["x"], arrays["emb"])
+    else:
+        module = AttentionBlock(c["channels"], c["channels"] // c["num_head_channels"], bits)
+        inputs = (arrays["x"],)
+    module.load_state_dict(state, strict=True)
+    for _, layer in binarized_layers(module):
+        layer.configure(order=meta["order"])
+    return module, inputs, arrays
+
+
+def assert_within_bound(ours, official, what):
+    err = float((ours - official).abs().max())
+    bound = BOUND * float(official.abs().max())
+    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
+    return err / float(official.abs().max())
