@@ -6,7 +6,7 @@ the op's `semantics` there.
 Opset: a model-local function must use the model's own version of the default domain, so the bodies are built
 per opset and use only operators whose semantics are the same from opset 17 on. That rules out BitwiseAnd
 (opset 18): a packed word is unpacked arithmetically instead, after mapping the int32 word to its unsigned
-value in int64 (`Mod` of integers takes the divisor's sign), as bit b = (u div 2**b) mod 2.
+value u in int64 (`Mod` of integers takes the divisor's sign): bit b is set iff u mod 2**(b+1) >= 2**b.
 """
 
 from typing import Dict, Iterable, List
@@ -75,17 +75,22 @@ class _Body:
         return self.op("Sign", v)  # ONNX Sign: 0 for +0.0 and -0.0, as common.yaml sign_rule
 
     def weight_signs(self, weight: str) -> str:
-        """Packed int32 [Cout, k, k, words] -> float32 +-1 [Cout, Cin, k, k] (common.yaml bit_layout)."""
+        """Packed int32 [Cout, k, k, words] -> float32 +-1 [Cout, Cin, k, k] (common.yaml bit_layout).
+
+        Bit b of the word's unsigned value u is set iff (u mod 2**(b+1)) >= 2**b. The one wide integer
+        tensor is that remainder; the rearranging runs on booleans and the float weights come last, which keeps
+        ONNX Runtime's constant folding of this subgraph (it keeps every folded intermediate until the end) to
+        about 10 bytes per weight."""
         unsigned = self.op("Mod", self.op("Cast", weight, to=TensorProto.INT64), self.const(2 ** 32, np.int64))
-        powers = self.const(1 << np.arange(packing.BITS_PER_WORD, dtype=np.int64), np.int64)
-        words = self.op("Unsqueeze", unsigned, self.const([-1], np.int64))           # [Cout, k, k, words, 1]
-        bits = self.op("Mod", self.op("Div", words, powers), self.const(2, np.int64))  # [Cout, k, k, words, 32]
-        channels = self.op("Reshape", bits, self.const([0, 0, 0, -1], np.int64))     # channel c = 32*w + b
+        words = self.op("Unsqueeze", unsigned, self.const([-1], np.int64))            # [Cout, k, k, words, 1]
+        powers = 1 << np.arange(packing.BITS_PER_WORD + 1, dtype=np.int64)
+        low_bits = self.op("Mod", words, self.const(powers[1:], np.int64))            # [Cout, k, k, words, 32]
+        bits = self.op("GreaterOrEqual", low_bits, self.const(powers[:-1], np.int64))
+        channels = self.op("Reshape", bits, self.const([0, 0, 0, -1], np.int64))      # channel c = 32*w + b
         in_channels = self.op("Reshape", self.attribute("in_channels"), self.const([1], np.int64))
         used = self.op("Slice", channels, self.const([0], np.int64), in_channels, self.const([3], np.int64))
-        plus_minus = self.op("Sub", self.op("Mul", self.float32(used), self.const(2, np.float32)),
-                             self.const(1, np.float32))                              # bit 1 -> +1, 0 -> -1
-        return self.op("Transpose", plus_minus, perm=[0, 3, 1, 2])
+        positive = self.op("Transpose", used, perm=[0, 3, 1, 2])
+        return self.op("Where", positive, self.const(1, np.float32), self.const(-1, np.float32))  # 1: +1, 0: -1
 
     def scaled_dot(self, sign_map: str, weight: str, alpha: str) -> str:
         """alpha[o] * dot, dot = the sign map padded by kernel_size div 2 with pad_value (after the sign),

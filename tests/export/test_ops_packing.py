@@ -39,7 +39,7 @@ def test_exact_zero_weight_is_refused_with_its_location(zero):
     latent = np.ones((4, 8, 3, 3), np.float32)
     latent[2, 5, 1, 0] = zero
     latent[3, 0, 0, 0] = zero
-    with pytest.raises(packing.ZeroWeightError, match=r"2 exact-zero.*\(2, 5, 1, 0\)") as error:
+    with pytest.raises(packing.ZeroWeightError, match=r"2 exact-zero.*\[2, 5, 1, 0\]") as error:
         packing.pack_signs(latent)
     assert error.value.zeros == packing.ZeroWeight(2, (2, 5, 1, 0))
 
