@@ -5,36 +5,76 @@ from typing import Optional
 
 import typer
 
-from bdm.cli import not_implemented
+from bdm.errors import BdmError
+
+_ZERO_SIGNS = {"+1": 1, "1": 1, "-1": -1}
+
+
+def _zero_sign(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    if text not in _ZERO_SIGNS:
+        raise BdmError(f"--zero-weight-sign {text}: give +1 or -1")
+    return _ZERO_SIGNS[text]
+
+
+def _err(line: str):
+    typer.echo(line, err=True)
 
 
 def export(
-    ckpt: Path = typer.Argument(..., help="Official checkpoint (.pth): BI-DiffSR {'params': ...} or BinaryDM."),
-    output: Path = typer.Argument(..., help="ONNX file to write (written atomically)."),
+    ckpt: Path = typer.Argument(..., help="Official BI-DiffSR checkpoint (.pth, {'params': ...})."),
+    output: Path = typer.Argument(..., help="ONNX file to write (atomically: nothing is left on failure)."),
     config: Optional[Path] = typer.Option(None, help="Official options YAML; default: the released x2/x4 network."),
-    dtype: str = typer.Option("fp32", help="Activation and FP-weight precision: fp32 or fp16."),
-    opset: int = typer.Option(17, help="ONNX opset of the main graph."),
-    fused: bool = typer.Option(True, help="One fused node per binary conv (default) or the unfused debug form."),
+    dtype: str = typer.Option("fp32", help="Activation and FP-weight precision: fp32 or fp16 (tables stay fp32)."),
+    opset: int = typer.Option(17, help="ONNX opset of the main graph (>= 17)."),
+    fused: bool = typer.Option(True, help="One fused node per binary conv (default), or the unfused debug form "
+                                          "TimestepBias -> BinarySignConv2d -> TimestepRPReLU -> Add."),
     validate: bool = typer.Option(True, help="Compare ONNX Runtime with PyTorch before reporting success."),
+    zero_weight_sign: Optional[str] = typer.Option(
+        None, help="Export exact-zero latent binary weights as +1 or -1 (default: refuse them)."),
 ):
     """Export a checkpoint to ONNX with bit-packed `bdm` custom ops and executable function bodies."""
-    not_implemented("export")
+    from bdm.export import inspect as inspection
+    from bdm.export.onnx_export import export_checkpoint
+
+    done = export_checkpoint(ckpt, output, config=config, dtype=dtype, opset=opset, fused=fused,
+                             validate=validate, zero_weight_sign=_zero_sign(zero_weight_sign), log=_err)
+    summary = inspection.inspect_file(done.path)
+    _err(f"exported in {done.seconds:.1f} s: {summary.file_bytes / 1e6:.2f} MB, latent fp32 "
+         f"{summary.latent_fp32_bytes / 1e6:.2f} MB, compression {summary.compression_ratio:.2f}x"
+         + ("" if done.validation is None else f"; ONNX Runtime vs PyTorch: {done.validation.summary()}"))
+    typer.echo(str(done.path))
 
 
 def validate(
     model: Path = typer.Argument(..., help="ONNX file written by `bdm export`."),
     ckpt: Path = typer.Option(..., help="The checkpoint it was exported from (the PyTorch reference)."),
-    config: Optional[Path] = typer.Option(None, help="Official options YAML, as given to `bdm export`."),
+    config: Optional[Path] = typer.Option(None, help="Official options YAML; default: the network recorded in the "
+                                                     "model by `bdm export`."),
     engine: Optional[Path] = typer.Option(None, help="Also compare a TensorRT engine (needs TensorRT and a GPU)."),
     plugins: Optional[Path] = typer.Option(None, help="Plugin library for --engine."),
+    shape: str = typer.Option("1x64x64", help="Input shape NxHxW (H, W multiples of 8; inside the engine profile)."),
+    seed: int = typer.Option(0, help="Seed of the random inputs."),
 ):
     """Output parity between PyTorch, ONNX Runtime and (optionally) TensorRT, via Polygraphy's Comparator."""
-    not_implemented("validate")
+    from bdm.export.validate import validate_file
+
+    report = validate_file(model, ckpt, config=config, engine=engine, plugins=plugins, shape=shape, seed=seed,
+                           log=typer.echo)
+    failed = [c for c in report.cases if not c.passed]
+    if failed:
+        raise BdmError(f"{len(failed)} of {len(report.cases)} comparisons exceed {report.tolerance:.0e} * max|eps| "
+                       f"(first: {failed[0].runner} at t={failed[0].t0}); see the lines above")
+    typer.echo(f"PASSED: {report.summary()}")
 
 
 def inspect(model: Path = typer.Argument(..., help="ONNX file written by `bdm export`.")):
     """Op census, packed versus latent weight size, and compression ratio of an exported model."""
-    not_implemented("inspect")
+    from bdm.export.inspect import inspect_file
+
+    for line in inspect_file(model).lines():
+        typer.echo(line)
 
 
 def register(app: typer.Typer):

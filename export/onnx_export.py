@@ -1,0 +1,349 @@
+"""`bdm export`: a BI-DiffSR checkpoint -> one ONNX file with `bdm` custom ops, bit-packed weights and a
+model-local function per op (so ONNX Runtime runs it as is, and TensorRT picks the plugins).
+
+How: every BIConv of the loaded PyTorch network is swapped, for the duration of the export only, for a
+`PackedBIConv` that holds the spec's inputs (packed sign bits, alpha, the [K, C] group tables) as buffers and
+calls a torch.autograd.Function whose forward is the NumPy reference of the op and whose `symbolic` emits the
+`bdm` node. The network is then exported with the TorchScript exporter (dynamic N, H, W) and post-processed with
+onnx: the function bodies attached, metadata written, the latent-weight and checker checks run, and the file
+written atomically.
+"""
+
+import contextlib
+import copy
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from bdm.errors import BdmError
+from bdm.export import bidiffsr, functions
+from bdm.export.checkpoint import FAMILIES, find_zero_binary_weights, load_model
+from bdm.export.config import bidiffsr_network_g
+from bdm.plugins import packing, reference, spec
+from bdm.runtime.atomic import atomic_path
+from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME
+from bdm.runtime.trt_backend import file_sha256
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_OPSET = 17
+METADATA_PREFIX = "bdm."
+# What `bdm export` checks before it reports success: the last t of every group (group_rule of the spec), batch 2
+# (the second sample's t lies in another group), 32x32.
+EXPORT_CHECK_TIMESTEPS = (399, 799, 1199, 1599, 1999)
+EXPORT_CHECK_NHW = (2, 32, 32)
+# Trace size: any multiple of 8 works (the graph is dynamic in N, H, W); batch 2 so no dimension is 1.
+_TRACE_NHW = (2, 16, 16)
+
+
+def _op_function(op_type: str):
+    """A torch.autograd.Function for one `bdm` op: forward = the NumPy reference (plugins/reference.py),
+    symbolic = the `bdm` node with every attribute of the spec plus the TensorRT plugin selectors. Called as
+    Op.apply(*inputs in spec order, *attribute values in spec order)."""
+    input_names = spec.input_names(op_type)
+    attribute_names = list(spec.op(op_type)["attributes"])
+
+    def split(args):
+        return args[:len(input_names)], dict(zip(attribute_names, args[len(input_names):]))
+
+    def forward(ctx, *args):
+        tensors, attributes = split(args)
+        arrays = {name: tensor.detach().cpu().numpy() for name, tensor in zip(input_names, tensors)}
+        return torch.from_numpy(reference.run(op_type, arrays, attributes))
+
+    def symbolic(g, *args):
+        tensors, attributes = split(args)
+        onnx_attributes = {f"{name}_i": value for name, value in attributes.items()}
+        onnx_attributes.update({f"{name}_s": value for name, value in functions.PLUGIN_ATTRIBUTES.items()})
+        y = g.op(f"{functions.DOMAIN}::{op_type}", *tensors, **onnx_attributes)
+        channels = attributes.get("out_channels", attributes.get("channels"))
+        return y.setType(tensors[0].type().with_sizes([None, channels, None, None]))
+
+    return type(op_type, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                      "symbolic": staticmethod(symbolic)})
+
+
+OPS = {op_type: _op_function(op_type) for op_type in spec.ops()}
+
+
+class PackedBIConv(bidiffsr.BIConv):
+    """What a BIConv becomes in the exported graph: one `bdm::BinaryConv2d` node (or, unfused, TimestepBias ->
+    BinarySignConv2d -> TimestepRPReLU -> Add) reading the packed sign bits, alpha and group tables.
+
+    It subclasses BIConv only so that the network passes it the timestep; it holds none of BIConv's latent
+    parameters (its buffers live in `self.packed`, named after the spec's inputs)."""
+
+    def __init__(self, biconv: bidiffsr.BIConv, fused: bool = True, zero_sign: Optional[int] = None):
+        nn.Module.__init__(self)
+        self.in_channels, self.out_channels = biconv.in_channels, biconv.out_channels
+        self.kernel_size, self.num_groups, self.total_steps = biconv.kernel_size, biconv.num_groups, biconv.total_steps
+        self.fused = fused
+        self.packed = nn.Module()
+        latent = biconv.binary_conv.weight.detach().float().cpu().numpy()
+        self.packed.register_buffer("weight", torch.from_numpy(packing.pack_signs(latent, zero_sign)))
+        self.packed.register_buffer("alpha", biconv.alpha().cpu())
+        for name, table in biconv.group_tables().items():
+            self.packed.register_buffer(name, table.cpu())
+
+    def float32_tables(self):
+        """alpha and the tables are float32 by the spec: after a .half() of the network they hold the values
+        rounded through fp16 (the fp16 network's own), in float32."""
+        for name, value in self.packed.named_buffers():
+            if value.is_floating_point():
+                setattr(self.packed, name, value.float())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t32 = t.to(torch.int32)  # the exporter traces one Cast, shared by every node (TorchScript CSE)
+        p = self.packed
+        steps = (self.num_groups, self.total_steps)
+        if self.fused:
+            return OPS["BinaryConv2d"].apply(x, t32, p.weight, p.alpha, p.threshold, p.bias0, p.slope, p.bias1,
+                                             self.in_channels, self.out_channels, self.kernel_size, *steps, 0, 1)
+        shifted = OPS["TimestepBias"].apply(x, t32, p.threshold, self.in_channels, *steps)
+        conv = OPS["BinarySignConv2d"].apply(shifted, p.weight, p.alpha, self.in_channels, self.out_channels,
+                                             self.kernel_size, 0)
+        return OPS["TimestepRPReLU"].apply(conv, t32, p.bias0, p.slope, p.bias1, self.out_channels, *steps) + x
+
+
+class Float16Embedding(nn.Module):
+    """The time embedding of an fp16 network: computed in float32 from the integer t (sin/cos of t*f up to
+    ~2000 rad need float32), handed on in fp16."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, t):
+        return self.embedding(t).to(torch.float16)
+
+
+@contextlib.contextmanager
+def swapped_modules(model: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]]):
+    """Within the block, every submodule for which replace(path, module) returns a module is that module;
+    the originals are put back afterwards, whatever happens."""
+    swaps = []  # (parent, name, original, replacement), all built before the model is touched
+    for parent_path, parent in list(model.named_modules()):
+        for name, child in parent.named_children():
+            new = replace(f"{parent_path}.{name}" if parent_path else name, child)
+            if new is not None:
+                swaps.append((parent, name, child, new))
+    try:
+        for parent, name, _, new in swaps:
+            setattr(parent, name, new)
+        yield model
+    finally:
+        for parent, name, child, _ in swaps:
+            setattr(parent, name, child)
+
+
+def resolve_zero_weights(model: nn.Module, zero_sign: Optional[int], source: str) -> int:
+    """Refuse exact-zero latent binary weights (naming where they are), or with zero_sign = +1/-1 give them that
+    sign in `model` itself, so that the PyTorch reference and the export agree: the zero becomes
+    zero_sign * the smallest normal float32 (alpha = mean|W| is unchanged). Returns how many were resolved."""
+    zeros = find_zero_binary_weights(model)
+    if not zeros:
+        return 0
+    first = zeros[0]
+    total = sum(z.count for z in zeros)
+    if zero_sign is None:
+        raise BdmError(f"{source}: {total} exact-zero latent weights in {len(zeros)} binarized convs (first: "
+                       f"{first.module}, {first.count} at [o, c, i, j] = {list(first.first_index)}); sign(0) = 0 "
+                       f"cannot be packed into 1 bit: pass --zero-weight-sign +1 or -1 to export them with that sign")
+    tiny = torch.finfo(torch.float32).tiny
+    for family in FAMILIES.values():
+        for _, weight in family.binarized_weights(model):
+            with torch.no_grad():
+                weight[weight == 0] = zero_sign * tiny
+    return total
+
+
+def _network_metadata(model: nn.Module, dtype: str, fused: bool, zero_sign: Optional[int],
+                      extra: Dict[str, str]) -> Dict[str, str]:
+    return {"format": "1", "family": "bi_diffsr", "dtype": dtype, "fused": str(int(fused)),
+            "zero_weight_sign": {None: "none", 1: "+1", -1: "-1"}[zero_sign],
+            "binarized_convs": str(len(bidiffsr.biconvs(model))), **extra}
+
+
+def _trace(model: nn.Module, dtype: torch.dtype, opset: int) -> onnx.ModelProto:
+    n, h, w = _TRACE_NHW
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(n, model.out_channel, h, w, generator=generator, dtype=dtype)
+    cond = torch.rand(n, model.in_channel - model.out_channel, h, w, generator=generator, dtype=dtype)
+    t = torch.tensor([1000, 10][:n], dtype=torch.int64)
+    spatial = {0: "N", 2: "H", 3: "W"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer notes
+        torch.onnx.export(model, (x_t, cond, t), buffer, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamo=False, do_constant_folding=True,
+                          dynamic_axes={"x_t": spatial, "cond": spatial, "t": {0: "N"}, OUTPUT_NAME: spatial})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _bypass_initializer_identities(graph: onnx.GraphProto):
+    """The exporter shares equal initializers through Identity nodes (e.g. identical GroupNorm affines): let the
+    consumers read the initializer itself, so every weight of a `bdm` node is a plain initializer input."""
+    initializers = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    source = {n.output[0]: n.input[0] for n in graph.node
+              if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in source)]
+    for node in kept:
+        node.input[:] = [source.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _check_no_latent_weights(onnx_model: onnx.ModelProto, fp_params: int):
+    """Every float initializer of the file together must not exceed the network's full-precision parameters
+    plus the per-channel alpha: a latent binarized weight left in the graph would."""
+    bdm_nodes = [n for n in onnx_model.graph.node if n.domain == functions.DOMAIN]
+    spec_inputs = {name for n in bdm_nodes for name in n.input[2:]}
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    stored = sum(int(np.prod(i.dims)) for i in onnx_model.graph.initializer
+                 if i.data_type in float_types and i.name not in spec_inputs)
+    if stored > fp_params:
+        raise BdmError(f"internal check failed: the exported graph stores {stored} full-precision weights, more than "
+                       f"the {fp_params} of the network's FP layers (a latent binarized weight was exported)")
+
+
+def check_options(dtype: str, opset: int):
+    if dtype not in DTYPES:
+        raise BdmError(f"--dtype {dtype} is not supported; choose one of {list(DTYPES)}")
+    if opset < functions.MIN_OPSET:
+        raise BdmError(f"--opset {opset} is too old: the bdm function bodies need opset >= {functions.MIN_OPSET}")
+    if opset > onnx.defs.onnx_opset_version():
+        raise BdmError(f"--opset {opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()})")
+
+
+def to_onnx(model: bidiffsr.BIDiffSRUNet, dtype: str = "fp32", opset: int = DEFAULT_OPSET, fused: bool = True,
+            zero_sign: Optional[int] = None, metadata: Optional[Dict[str, str]] = None) -> onnx.ModelProto:
+    """The ONNX model of a BI-DiffSR network (left unchanged). Exact-zero latent weights raise BdmError unless
+    resolve_zero_weights ran first."""
+    if not isinstance(model, bidiffsr.BIDiffSRUNet):
+        raise BdmError(f"bdm export handles BI-DiffSR networks; this checkpoint built a {type(model).__name__}")
+    check_options(dtype, opset)
+    biconv_paths = {path for path, _ in bidiffsr.biconvs(model)}
+    binarized = sum(m.binary_conv.weight.numel() for _, m in bidiffsr.biconvs(model))
+    fp_params = sum(p.numel() for p in model.parameters()) - binarized
+
+    def pack(path, module):
+        if path in biconv_paths:
+            try:
+                return PackedBIConv(module, fused, zero_sign)
+            except packing.ZeroWeightError as e:
+                raise BdmError(f"{path}: {e}; pass --zero-weight-sign +1 or -1") from None
+        return None
+
+    with swapped_modules(model, pack):
+        exported = model
+        if dtype == "fp16":
+            exported = copy.deepcopy(model).half()  # no latent binary weight left to copy
+            for module in exported.modules():
+                if isinstance(module, PackedBIConv):
+                    module.float32_tables()
+            exported.timestep_level_mlp[0] = Float16Embedding(exported.timestep_level_mlp[0])
+        onnx_model = _trace(exported, DTYPES[dtype], opset)
+    _bypass_initializer_identities(onnx_model.graph)
+    _check_no_latent_weights(onnx_model, fp_params)
+    functions.attach_functions(onnx_model)
+    meta = _network_metadata(model, dtype, fused, zero_sign, metadata or {})
+    onnx.helper.set_model_props(onnx_model, {METADATA_PREFIX + k: str(v) for k, v in meta.items()})
+    onnx_model.producer_name, onnx_model.producer_version = "bdm", _bdm_version()
+    try:
+        onnx.checker.check_model(onnx_model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise BdmError(f"internal check failed: the exported model does not pass the ONNX checker "
+                       f"({str(e).splitlines()[0]})") from None
+    return onnx_model
+
+
+def _bdm_version() -> str:
+    import bdm
+
+    return bdm.__version__
+
+
+def read_metadata(onnx_model: onnx.ModelProto) -> Dict[str, str]:
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in onnx_model.metadata_props
+            if p.key.startswith(METADATA_PREFIX)}
+
+
+def census(onnx_model: onnx.ModelProto) -> Dict[str, int]:
+    """Node count per op type (custom ops as domain::op_type), most frequent first."""
+    counts: Dict[str, int] = {}
+    for node in onnx_model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def check_output_path(path) -> Path:
+    """Fail before any work when the output cannot be written (the write itself is atomic anyway)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BdmError(f"cannot write {path}: it is a folder; give a file name such as {path / 'model.onnx'}")
+    if folder.exists() and not folder.is_dir():
+        raise BdmError(f"cannot write {path}: {folder} is a file, not a folder; choose another output path")
+    if not folder.is_dir():
+        raise BdmError(f"cannot write {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BdmError(f"cannot write {path}: folder {folder} is not writable; choose another output path")
+    return path
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    seconds: float
+    validation: Optional["object"]  # validate.ValidationReport, None with validate=False
+
+
+def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
+                      fused: bool = True, validate: bool = True, zero_weight_sign: Optional[int] = None,
+                      log: Callable[[str], None] = print) -> ExportSummary:
+    """`bdm export`: load (strictly), pack, export, check and, unless validate=False, compare ONNX Runtime with
+    PyTorch before the file appears at `output` (written atomically: on any failure no file is left)."""
+    start = time.perf_counter()
+    output = check_output_path(output)
+    check_options(dtype, opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_model warns about exact-zero weights: resolved or refused below
+        model = load_model(ckpt, config=config)
+    if not isinstance(model, bidiffsr.BIDiffSRUNet):
+        raise BdmError(f"{ckpt} is a {type(model).__name__} checkpoint; bdm export handles BI-DiffSR checkpoints")
+    resolved = resolve_zero_weights(model, zero_weight_sign, f"checkpoint {ckpt}")
+    if resolved:
+        log(f"{resolved} exact-zero latent weights exported as {zero_weight_sign:+d}")
+    metadata = {"network_g": json.dumps(bidiffsr_network_g(config), sort_keys=True),
+                "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt)}
+    onnx_model = to_onnx(model, dtype, opset, fused, zero_weight_sign, metadata)
+    report = None
+    with atomic_path(output) as tmp:
+        try:
+            tmp.write_bytes(onnx_model.SerializeToString())
+        except OSError as e:
+            raise BdmError(f"cannot write {output}: {e.strerror}; choose another output path") from None
+        if validate:
+            from bdm.export import validate as validation
+
+            log(f"validating: ONNX Runtime vs PyTorch, {len(EXPORT_CHECK_TIMESTEPS)} inputs "
+                f"{'x'.join(map(str, EXPORT_CHECK_NHW))} (one per timestep group)")
+            report = validation.compare(tmp, model, nhw=EXPORT_CHECK_NHW, timesteps=EXPORT_CHECK_TIMESTEPS,
+                                        log=log, polygraphy_stats=False)
+            if not report.passed:
+                failed = sum(not c.passed for c in report.cases)
+                raise BdmError(f"validation failed: ONNX Runtime differs from PyTorch beyond {report.tolerance:.0e} "
+                               f"* max|eps| in {failed} of {len(report.cases)} cases (lines above); no file written; "
+                               f"`--no-validate` writes it anyway for debugging")
+    return ExportSummary(output, time.perf_counter() - start, report)
