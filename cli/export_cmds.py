@@ -23,7 +23,8 @@ def _err(line: str):
 
 
 def export(
-    ckpt: Path = typer.Argument(..., help="Official BI-DiffSR checkpoint (.pth, {'params': ...})."),
+    ckpt: Path = typer.Argument(..., help="Official BI-DiffSR checkpoint (.pth, {'params': ...}), or BinaryDM "
+                                          "(Lightning or UNet state_dict, with --config <LDM YAML>)."),
     output: Path = typer.Argument(..., help="ONNX file to write (atomically: nothing is left on failure)."),
     config: Optional[Path] = typer.Option(None, help="Official options YAML; default: the released x2/x4 network."),
     dtype: str = typer.Option("fp32", help="Activation and FP-weight precision: fp32 or fp16 (tables stay fp32)."),
@@ -33,13 +34,17 @@ def export(
     validate: bool = typer.Option(True, help="Compare ONNX Runtime with PyTorch before reporting success."),
     zero_weight_sign: Optional[str] = typer.Option(
         None, help="Export exact-zero latent binary weights as +1 or -1 (default: refuse them)."),
+    act_mode: Optional[str] = typer.Option(
+        None, help="BinaryDM only: activation steps static (stored, the default), dynamic (computed in the graph), "
+                   "w1a32 (no activation quantization) or fp (latent weights); recorded in the model."),
 ):
     """Export a checkpoint to ONNX with bit-packed `bdm` custom ops and executable function bodies."""
     from bdm.export import inspect as inspection
     from bdm.export.onnx_export import export_checkpoint
 
     done = export_checkpoint(ckpt, output, config=config, dtype=dtype, opset=opset, fused=fused,
-                             validate=validate, zero_weight_sign=_zero_sign(zero_weight_sign), log=_err)
+                             validate=validate, zero_weight_sign=_zero_sign(zero_weight_sign), log=_err,
+                             act_mode=act_mode)
     summary = inspection.inspect_file(done.path)
     _err(f"exported in {done.seconds:.1f} s: {summary.file_bytes / 1e6:.2f} MB, latent fp32 "
          f"{summary.latent_fp32_bytes / 1e6:.2f} MB, compression {summary.compression_ratio:.2f}x"

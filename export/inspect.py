@@ -13,7 +13,8 @@ from bdm.errors import BdmError
 from bdm.export import functions
 from bdm.export.onnx_export import census, read_metadata
 
-_CONVS = ("BinaryConv2d", "BinarySignConv2d")
+# op -> input index of (packed sign bits, per-output-channel scales)
+_CONVS = {"BinaryConv2d": (2, 3), "BinarySignConv2d": (1, 2), "MultiBasisConv": (1, 2)}
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -30,6 +31,7 @@ class ModelSummary:
     fp_params: int          # every other float weight: FP layers and the TaR/TaA group tables
     fp_bytes: int           # ... as stored (fp32 or fp16; the tables stay float32)
     other_bytes: int        # integer constants and the like
+    sign_bits: int = 0      # bits of packed signs the network needs: binarized_params x bases (BinaryDM: 1 or 2)
 
     @property
     def latent_fp32_bytes(self) -> int:
@@ -38,8 +40,8 @@ class ModelSummary:
 
     @property
     def packed_floor_bytes(self) -> float:
-        """Stored FP weights + one bit per binarized weight + the per-channel scales."""
-        return self.fp_bytes + self.binarized_params / 8 + self.scale_bytes
+        """Stored FP weights + one bit per binarized weight and basis + the per-channel scales."""
+        return self.fp_bytes + (self.sign_bits or self.binarized_params) / 8 + self.scale_bytes
 
     @property
     def compression_ratio(self) -> float:
@@ -48,7 +50,7 @@ class ModelSummary:
     def lines(self):
         mb = 1e6
         yield f"{self.path}: {self.file_bytes / mb:.2f} MB, " + ", ".join(
-            f"{k}={v}" for k, v in sorted(self.metadata.items()) if k in ("family", "dtype", "fused"))
+            f"{k}={v}" for k, v in sorted(self.metadata.items()) if k in ("family", "dtype", "fused", "act_mode"))
         yield "op census: " + ", ".join(f"{op} {count}" for op, count in self.census.items())
         yield (f"binarized weights: {self.binarized_params:,} -> packed sign bits {self.packed_bytes / mb:.2f} MB "
                f"(latent fp32 {4 * self.binarized_params / mb:.2f} MB), alpha {self.scale_params:,} "
@@ -67,18 +69,21 @@ def summarize(model: onnx.ModelProto, path, file_bytes: int) -> ModelSummary:
     initializers = {i.name: i for i in model.graph.initializer}
     constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     packed, scales = set(), set()
-    binarized = 0
+    binarized = sign_bits = 0
     for node in model.graph.node:
         if node.domain == functions.DOMAIN and node.op_type in _CONVS:
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            binarized += attributes["out_channels"] * attributes["in_channels"] * attributes["kernel_size"] ** 2
-            weight, alpha = node.input[2:4] if node.op_type == "BinaryConv2d" else node.input[1:3]
+            taps = attributes["kernel_size"] ** attributes.get("spatial_dims", 2)
+            binarized += attributes["out_channels"] * attributes["in_channels"] * taps
+            sign_bits += attributes["out_channels"] * attributes["in_channels"] * taps * attributes.get("num_bases", 1)
+            weight, alpha = (node.input[i] for i in _CONVS[node.op_type])
             packed.add(weight)
             scales.add(alpha)
     summary = ModelSummary(Path(path), file_bytes, census(model), read_metadata(model), binarized,
                            sum(_tensor_bytes(initializers[n]) for n in packed if n in initializers),
                            sum(int(np.prod(initializers[n].dims)) for n in scales if n in initializers),
-                           sum(_tensor_bytes(initializers[n]) for n in scales if n in initializers), 0, 0, 0)
+                           sum(_tensor_bytes(initializers[n]) for n in scales if n in initializers), 0, 0, 0,
+                           sign_bits)
     for tensor in [*(t for n, t in initializers.items() if n not in packed | scales), *constants]:
         if tensor.data_type in _FLOATS and int(np.prod(tensor.dims)) > 1:
             summary.fp_params += int(np.prod(tensor.dims))

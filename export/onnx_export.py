@@ -311,7 +311,7 @@ class ExportSummary:
 
 def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                       fused: bool = True, validate: bool = True, zero_weight_sign: Optional[int] = None,
-                      log: Callable[[str], None] = print) -> ExportSummary:
+                      log: Callable[[str], None] = print, act_mode: Optional[str] = None) -> ExportSummary:
     """`bdm export`: load (strictly), pack, export, check and, unless validate=False, compare ONNX Runtime with
     PyTorch before the file appears at `output` (written atomically: on any failure no file is left)."""
     start = time.perf_counter()
@@ -320,8 +320,16 @@ def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load_model warns about exact-zero weights: resolved or refused below
         model = load_model(ckpt, config=config)
-    if not isinstance(model, bidiffsr.BIDiffSRUNet):
-        raise BdmError(f"{ckpt} is a {type(model).__name__} checkpoint; bdm export handles BI-DiffSR checkpoints")
+    if not isinstance(model, bidiffsr.BIDiffSRUNet):  # BinaryDM: bdm.export.binarydm_onnx, the same machinery
+        from bdm.export import binarydm_onnx
+
+        if dtype != "fp32" or not fused:
+            raise BdmError(f"{ckpt} is a BinaryDM checkpoint: its export is fp32 with one MultiBasisConv node per "
+                           f"layer; leave out --dtype {dtype} / --no-fused")
+        return binarydm_onnx.export_checkpoint(ckpt, output, config, act_mode or "static", opset, validate,
+                                               zero_weight_sign, log, model=model)
+    if act_mode is not None:
+        raise BdmError(f"--act-mode applies to BinaryDM checkpoints; {ckpt} is a BI-DiffSR checkpoint")
     resolved = resolve_zero_weights(model, zero_weight_sign, f"checkpoint {ckpt}")
     if resolved:
         log(f"{resolved} exact-zero latent weights exported as {zero_weight_sign:+d}")

@@ -434,6 +434,10 @@ def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shap
         raise BdmError(f"{model_path} is not an ONNX model ({type(e).__name__}); pass a file written by "
                        f"`bdm export`") from None
     meta = check_metadata(onnx_model, model_path)
+    if meta.get("family") == "binarydm":
+        from bdm.export import binarydm_validate
+
+        return binarydm_validate.validate_file(model_path, onnx_model, meta, ckpt, config, engine, shape, seed, log)
     network = config if config is not None else json.loads(meta["network_g"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exact-zero weights: resolved as the export did, below

@@ -1,0 +1,350 @@
+"""`bdm export` for the BinaryDM family: a BinaryDMUNet -> one ONNX file, graph `x_t` [N, C, H, W] float32, `t` [N]
+int64 -> `eps` [N, C, H, W], N, H and W dynamic.
+
+The same machinery as the BI-DiffSR exporter (bdm.export.onnx_export): for the duration of the export every
+binarized layer is swapped for a `PackedMultiBasisLayer` holding the spec's inputs (packed sign bases, scales,
+bias, step) that emits one `bdm::MultiBasisConv` node; the network is traced with the TorchScript exporter and
+post-processed the same way (function bodies attached, metadata, latent-weight check, checker, atomic write).
+
+Activation-step modes (binarydm_layers.MODES), recorded as metadata `bdm.act_mode`:
+- static: the stored alpha of every quantizer is an initializer fed to the node (the deployment default).
+- dynamic: the step 2*mean|x|/sqrt(Qp) is computed in the graph (ReduceMean(Abs(x)) over the whole tensor, batch
+  included) before every quantizer, as the official training code runs.
+- w1a32: packed weights, act_bits 0 (no activation quantization anywhere).
+- fp: nothing swapped: latent weights in plain Conv/Gemm, no quantization (a parity reference, not a deployment).
+The attention's four quantizers are exported with standard ops (Clip, QuantizeLinear, DequantizeLinear), built by the
+same code as the function body's quantizer (multibasis_functions.act_quantize) over the TorchScript graph.
+
+Exact-zero latent weights (sign 0) and exact-zero second-basis residuals W - s1*sign(W) cannot be packed: they are
+refused with their location, or with zero_sign = +1/-1 the latent weight is moved to give that sign (0 becomes
+zero_sign * the smallest normal float32; W = s1*B1 moves by one ulp) in the model itself, so that the PyTorch
+reference and the export agree.
+"""
+
+import io
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from bdm.errors import BdmError
+from bdm.export import functions
+from bdm.export.binarydm import BinaryDMUNet, binarized_layers, sampling_options, unet_params
+from bdm.export.binarydm_layers import (MODES, ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range,
+                                        dynamic_step, effective_step, set_mode)
+from bdm.export.multibasis_functions import act_quantize
+from bdm.export.onnx_export import (DEFAULT_OPSET, METADATA_PREFIX, ExportSummary, _bdm_version,
+                                    _check_no_latent_weights, check_options, check_output_path, swapped_modules)
+from bdm.plugins.multibasis_reference import multibasis_conv
+from bdm.runtime.atomic import atomic_path
+from bdm.runtime.trt_backend import file_sha256
+
+OP_TYPE = "MultiBasisConv"
+INPUT_NAMES = ("x_t", "t")
+OUTPUT_NAME = "eps"
+SPATIAL_DIMS = {"linear": 0, "conv1d": 1, "conv2d": 2}
+# Trace shape: any multiple of the UNet's size multiple works (N, H, W are dynamic); batch 2 so no dimension is 1.
+_TRACE_BATCH = 2
+
+
+# --- the TorchScript side of the standard-op builders ----------------------------------------------------------
+
+class TorchGraphBuilder:
+    """The `op` / `const` interface of the function-body builders over a TorchScript graph (inside a symbolic), so
+    the exported attention quantizers come from the same code as the MultiBasisConv body's."""
+
+    _SUFFIX = {int: "i", float: "f", str: "s"}
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def op(self, op_type: str, *inputs, **attributes):
+        named = {}
+        for key, value in attributes.items():
+            sample = value[0] if isinstance(value, (list, tuple)) else value
+            named[f"{key}_{self._SUFFIX[type(sample)]}"] = value
+        return self.graph.op(op_type, *inputs, **named)
+
+    def const(self, value, dtype):
+        return self.graph.op("Constant", value_t=torch.from_numpy(np.array(value, dtype=dtype)))
+
+
+class _ActQuantize(torch.autograd.Function):
+    """One attention quantizer: forward = the PyTorch quantizer, symbolic = multibasis_functions.act_quantize."""
+
+    @staticmethod
+    def forward(ctx, x, step, bits):
+        qn, qp = act_range(bits)
+        effective = effective_step(step, x.numel(), qp)
+        return torch.round(torch.clamp(x / effective, qn, qp)) * effective
+
+    @staticmethod
+    def symbolic(g, x, step, bits):
+        builder = TorchGraphBuilder(g)
+        qn, qp = act_range(bits)
+        y = act_quantize(builder, x, step, builder.const(float(qn), np.float32), builder.const(float(qp), np.float32))
+        return y.setType(x.type())
+
+
+class _MultiBasisConv(torch.autograd.Function):
+    """One `bdm::MultiBasisConv` node: forward = the NumPy reference of the spec, symbolic = the node with every
+    attribute written out plus the TensorRT plugin selectors. apply(x, weight, scale, bias, act_step, attributes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, act_step, attributes):
+        arrays = [t.detach().cpu().numpy() for t in (x, weight, scale, bias, act_step)]
+        return torch.from_numpy(multibasis_conv(*arrays, **attributes))
+
+    @staticmethod
+    def symbolic(g, x, weight, scale, bias, act_step, attributes):
+        node_attributes = functions.node_attributes(OP_TYPE, attributes)
+        named = {f"{k}_{'s' if isinstance(v, str) else 'i'}": v for k, v in node_attributes.items()}
+        y = g.op(f"{functions.DOMAIN}::{OP_TYPE}", x, weight, scale, bias, act_step, **named)
+        sizes = [None, attributes["out_channels"]] + [None] * attributes["spatial_dims"]
+        return y.setType(x.type().with_sizes(sizes))
+
+
+def _step(quantizer_alpha: torch.Tensor, x: torch.Tensor, bits: int, dynamic: bool) -> torch.Tensor:
+    """The step fed to a quantizer: the stored alpha, or (dynamic) 2*mean|x|/sqrt(Qp) traced as standard ops."""
+    return dynamic_step(x, act_range(bits)[1]) if dynamic else quantizer_alpha
+
+
+class PackedMultiBasisLayer(nn.Module):
+    """What a binarized BNNConv2d / BNNConv1d / BNNLinear becomes in the exported graph: one MultiBasisConv node
+    reading the packed sign bases, scales, bias and step (buffers under `packed.`, named after the spec's inputs)."""
+
+    def __init__(self, layer: BinarizedLayer, act_bits: int, dynamic: bool):
+        super().__init__()
+        view = layer.export_view()
+        if view.zero_signs:
+            basis, index = view.zero_signs[0]
+            raise BdmError(f"internal: {len(view.zero_signs)} zero signs left in a {view.kind} (basis {basis + 1}, "
+                           f"index {list(index)}); resolve_zero_signs must run first")
+        self.attributes = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, num_bases=view.order,
+                               spatial_dims=SPATIAL_DIMS[view.kind],
+                               kernel_size=view.weight_shape[2] if len(view.weight_shape) > 2 else 1,
+                               stride=view.stride, padding=view.padding, act_bits=act_bits)
+        self.dynamic = dynamic and act_bits > 0
+        self.packed = nn.Module()
+        self.packed.register_buffer("weight", view.packed_signs)
+        self.packed.register_buffer("scale", view.scales)
+        self.packed.register_buffer("bias", view.bias)
+        self.packed.register_buffer("act_step", view.act_step)
+
+    def forward(self, x):
+        p = self.packed
+        step = _step(p.act_step, x, self.attributes["act_bits"], self.dynamic)
+        return _MultiBasisConv.apply(x, p.weight, p.scale, p.bias, step, self.attributes)
+
+
+class ExportActQuantizer(nn.Module):
+    """An attention quantizer in the exported graph (standard ops)."""
+
+    def __init__(self, quantizer: ActQuantizer):
+        super().__init__()
+        self.bits = quantizer.bits
+        self.register_buffer("alpha", quantizer.alpha.detach().float().clone())
+
+    def forward(self, x, dynamic: bool = False):
+        return _ActQuantize.apply(x, _step(self.alpha, x, self.bits, dynamic), self.bits)
+
+
+# --- exact zeros -----------------------------------------------------------------------------------------------
+
+def zero_signs(model: nn.Module):
+    """(layer path, basis 1/2, index) of every sign 0 of the binarized layers."""
+    found = []
+    for path, layer in binarized_layers(model):
+        if layer.binarized:
+            found += [(path, basis + 1, index) for basis, index in layer.export_view().zero_signs]
+    return found
+
+
+def resolve_zero_signs(model: nn.Module, zero_sign: Optional[int], source: str) -> int:
+    """Refuse sign-0 weights (naming the first), or give them zero_sign by moving the latent weight (module doc).
+    Returns how many were resolved."""
+    found = zero_signs(model)
+    if not found:
+        return 0
+    path, basis, index = found[0]
+    if zero_sign is None:
+        what = "exact-zero latent weights" if basis == 1 else "exact-zero second-basis residuals W - s1*sign(W)"
+        raise BdmError(f"{source}: {len(found)} sign-0 weights, which 1-bit packing cannot hold (first: {what} in "
+                       f"{path}.weight at [o, c, ...] = {list(index)}, basis {basis}); pass --zero-weight-sign +1 or -1 "
+                       f"to export them with that sign")
+    layers = dict(binarized_layers(model))
+    target = torch.tensor(zero_sign * math.inf)
+    with torch.no_grad():
+        for basis in (1, 2):  # a zero latent weight is a zero of both bases: moving it settles the second too
+            for path, _, index in (f for f in zero_signs(model) if f[1] == basis):
+                weight = layers[path].weight
+                weight[index] = (zero_sign * torch.finfo(torch.float32).tiny if basis == 1
+                                 else torch.nextafter(weight[index], target))
+    remaining = zero_signs(model)
+    if remaining:
+        raise BdmError(f"internal: {len(remaining)} sign-0 weights remain after --zero-weight-sign (first {remaining[0]})")
+    return len(found)
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+def _swap(mode: str):
+    """replace(path, module) for swapped_modules: binarized layers and (quantizing modes) attention quantizers."""
+    dynamic = mode == "dynamic"
+    quantizing = mode in ("static", "dynamic")
+    attention_quantizers = set()
+
+    def replace(path, module):
+        if isinstance(module, BinarizedLayer) and module.binarized:
+            bits = module.act_bits if quantizing and module.act_bits is not None else 0
+            return PackedMultiBasisLayer(module, bits, dynamic)
+        if isinstance(module, QuantizedQKVAttention) and module.quantizes():
+            attention_quantizers.update(f"{path}.{n}" for n, _ in module.named_children())
+        elif path in attention_quantizers:
+            return ExportActQuantizer(module)
+        return None
+
+    return replace
+
+
+def _trace(model: nn.Module, opset: int, example_inputs, input_names, output_name, dynamic_axes) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer notes
+        torch.onnx.export(model, example_inputs, buffer, input_names=list(input_names), output_names=[output_name],
+                          opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _finish(onnx_model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
+    """Functions, metadata, producer and the full checker: the post-processing of every bdm export."""
+    functions.attach_functions(onnx_model)
+    onnx.helper.set_model_props(onnx_model, {METADATA_PREFIX + k: str(v) for k, v in metadata.items()})
+    onnx_model.producer_name, onnx_model.producer_version = "bdm", _bdm_version()
+    try:
+        onnx.checker.check_model(onnx_model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise BdmError(f"internal check failed: the exported model does not pass the ONNX checker "
+                       f"({str(e).splitlines()[0]})") from None
+    return onnx_model
+
+
+def _check_arguments(mode: str, opset: int):
+    if mode not in MODES:
+        raise BdmError(f"--act-mode {mode} is not a BinaryDM mode; choose one of {list(MODES)}")
+    check_options("fp32", opset)
+
+
+def _latent_counts(model: nn.Module):
+    """(binarized latent weights, every other parameter) of the network."""
+    binarized = sum(layer.weight.numel() for _, layer in binarized_layers(model) if layer.binarized)
+    return binarized, sum(p.numel() for p in model.parameters()) - binarized
+
+
+def to_onnx(model: BinaryDMUNet, mode: str = "static", opset: int = DEFAULT_OPSET,
+            metadata: Optional[Dict[str, str]] = None) -> onnx.ModelProto:
+    """The ONNX model of a BinaryDM UNet in `mode` (the network itself is left as it was). Sign-0 weights raise
+    BdmError unless resolve_zero_signs ran first."""
+    if not isinstance(model, BinaryDMUNet):
+        raise BdmError(f"the BinaryDM exporter handles BinaryDM UNets; got a {type(model).__name__}")
+    _check_arguments(mode, opset)
+    resolve_zero_signs(model, None, "the network")  # refuse what was not resolved
+    previous_modes = {m: m.mode for m in model.modules() if hasattr(m, "mode")}
+    set_mode(model, mode)
+    try:
+        size = 2 * model.size_multiple
+        x_t = torch.randn(_TRACE_BATCH, model.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([999, 10][:_TRACE_BATCH], dtype=torch.int64)
+        spatial = {0: "N", 2: "H", 3: "W"}
+        axes = {"x_t": spatial, "t": {0: "N"}, OUTPUT_NAME: spatial}
+        with swapped_modules(model, _swap(mode) if mode != "fp" else lambda path, module: None):
+            onnx_model = _trace(model, opset, (x_t, t), INPUT_NAMES, OUTPUT_NAME, axes)
+    finally:
+        for module, previous in previous_modes.items():
+            module.mode = previous
+    binarized, other = _latent_counts(model)
+    if mode != "fp":
+        _check_no_latent_weights(onnx_model, other)
+    meta = {"format": "1", "family": "binarydm", "dtype": "fp32", "act_mode": mode,
+            "binarized_layers": str(sum(layer.binarized for _, layer in binarized_layers(model))),
+            "binarized_params": str(binarized), **(metadata or {})}
+    return _finish(onnx_model, meta)
+
+
+class _Root(nn.Module):
+    """A parent for a module exported alone, so that the module itself can be swapped."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        return self.module(*inputs)
+
+
+def layer_to_onnx(module: nn.Module, mode: str, examples, input_names=("x",),
+                  opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """One binarized layer, attention core or block alone, exported as the UNet exporter exports it: graph inputs
+    `input_names` (e.g. x, emb) -> `y`, batch and spatial axes dynamic; for checking against per-layer goldens."""
+    _check_arguments(mode, opset)
+    resolve_zero_signs(module, None, "the layer")
+    root = _Root(module)
+    previous_modes = {m: m.mode for m in root.modules() if hasattr(m, "mode")}
+    set_mode(root, mode)
+    axes = {name: {d: f"{name}_{d}" for d in [0, *range(2, example.dim())]}
+            for name, example in zip(input_names, examples)}
+    axes["y"] = {d: f"y_{d}" for d in [0, *range(2, examples[0].dim())]}
+    try:
+        with swapped_modules(root, _swap(mode) if mode != "fp" else lambda path, child: None):
+            onnx_model = _trace(root, opset, tuple(examples), input_names, "y", axes)
+    finally:
+        for m, previous in previous_modes.items():
+            m.mode = previous
+    return _finish(onnx_model, {"format": "1", "family": "binarydm", "act_mode": mode})
+
+
+def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: int = DEFAULT_OPSET,
+                      validate: bool = True, zero_weight_sign: Optional[int] = None,
+                      log: Callable[[str], None] = print, model: Optional[BinaryDMUNet] = None) -> ExportSummary:
+    """`bdm export` of a BinaryDM checkpoint (or of `model`, already loaded from it): resolve or refuse sign-0
+    weights, export in `mode`, check, validate against PyTorch unless validate=False, write atomically."""
+    start = time.perf_counter()
+    output = check_output_path(output)
+    _check_arguments(mode, opset)
+    if model is None:
+        from bdm.export.checkpoint import load_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exact zeros: resolved or refused below
+            model = load_model(ckpt, config=config, family="binarydm")
+    resolved = resolve_zero_signs(model, zero_weight_sign, f"checkpoint {ckpt}")
+    if resolved:
+        log(f"{resolved} sign-0 weights exported as {zero_weight_sign:+d}")
+    metadata = {"unet": json.dumps(unet_params(config), sort_keys=True),
+                "sampling": json.dumps(sampling_options(config), sort_keys=True),
+                "zero_weight_sign": {None: "none", 1: "+1", -1: "-1"}[zero_weight_sign],
+                "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt)}
+    onnx_model = to_onnx(model, mode, opset, metadata)
+    report = None
+    with atomic_path(output) as tmp:
+        try:
+            tmp.write_bytes(onnx_model.SerializeToString())
+        except OSError as e:
+            raise BdmError(f"cannot write {output}: {e.strerror}; choose another output path") from None
+        if validate:
+            from bdm.export.binarydm_validate import TIMESTEPS, compare
+
+            log(f"validating: ONNX Runtime vs PyTorch in {mode} mode at t = {list(TIMESTEPS)}, every binarized layer "
+                f"also teacher-forced")
+            report = compare(tmp, model, mode, log=log)
+            if not report.passed:
+                raise BdmError(f"validation failed: ONNX Runtime differs from PyTorch beyond {report.tolerance:.0e} "
+                               f"(lines above); no file written; `--no-validate` writes it anyway for debugging")
+    return ExportSummary(output, time.perf_counter() - start, report)
