@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import onnx
 import torch
+import yaml
 from torch import nn
 
 from bdm.errors import BdmError
@@ -302,6 +303,16 @@ def check_output_path(path) -> Path:
     return path
 
 
+def _options_scale(config) -> Dict[str, str]:
+    """{"scale": s} when `config` is an options YAML with a top-level `scale` (the network does not know its SR
+    scale; `bdm upscale` reads it from the model)."""
+    if not isinstance(config, (str, Path)):
+        return {}
+    options = yaml.safe_load(Path(config).read_text())  # load_model has read it already
+    scale = options.get("scale") if isinstance(options, dict) else None
+    return {"scale": str(scale)} if isinstance(scale, int) and not isinstance(scale, bool) else {}
+
+
 @dataclass
 class ExportSummary:
     path: Path
@@ -334,7 +345,7 @@ def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int
     if resolved:
         log(f"{resolved} exact-zero latent weights exported as {zero_weight_sign:+d}")
     metadata = {"network_g": json.dumps(bidiffsr_network_g(config), sort_keys=True),
-                "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt)}
+                "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt), **_options_scale(config)}
     onnx_model = to_onnx(model, dtype, opset, fused, zero_weight_sign, metadata)
     report = None
     with atomic_path(output) as tmp:

@@ -3,6 +3,8 @@ attributes, packed weights, no latent weight, functions, checker), and ONNX Runt
 the official outputs at every net_golden timestep (fp32: <= 1e-5 * max|y|; fp16: the error reported, <= 1e-2
 with the same signs)."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -94,9 +96,11 @@ def test_no_latent_binary_weight_and_one_int32_cast_of_t(exported, small_model):
                      if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
         binarized = sum(m.binary_conv.weight.numel() for _, m in bidiffsr.biconvs(small_model))
         assert floats < sum(p.numel() for p in small_model.parameters()) - binarized + 3 * 56 * 64
-        casts = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in ("t", "/Reshape_output_0")
-                 and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.INT32]
-        assert len(casts) == 1, name
+        int32_casts = [n for n in model.graph.node if n.op_type == "Cast"
+                       and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.INT32]
+        assert len(int32_casts) == 1, name  # t, once, for every bdm node
+        assert all(int32_casts[0].output[0] == n.input[1] for n in model.graph.node
+                   if n.op_type in ("BinaryConv2d", "TimestepBias", "TimestepRPReLU"))
 
 
 def test_standard_ops_are_the_deployable_ones(exported):
@@ -186,3 +190,13 @@ def test_exact_zero_weights_are_refused_with_their_location_or_resolved(bi_ref):
     assert weight[3, 5, 1, 2] < 0 and torch.equal(weight.abs().mean(dim=(1, 2, 3))[4:], alpha[4:])
     exported = onnx_export.to_onnx(model, zero_sign=-1)
     assert onnx_export.read_metadata(exported)["zero_weight_sign"] == "-1"
+
+
+def test_export_checkpoint_records_the_source_and_the_options_scale(bi_ref, tmp_path):
+    options = tmp_path / "options.yml"
+    options.write_text((bi_ref / "ckpt_small_x4.yml").read_text() + "scale: 2\n")
+    done = onnx_export.export_checkpoint(bi_ref / "ckpt_small_x4.pth", tmp_path / "m.onnx", config=options,
+                                         validate=False, log=lambda line: None)
+    meta = onnx_export.read_metadata(onnx.load(str(done.path)))
+    assert meta["scale"] == "2" and meta["checkpoint"] == "ckpt_small_x4.pth" and meta["dtype"] == "fp32"
+    assert json.loads(meta["network_g"])["inner_channel"] == 8 and len(meta["checkpoint_sha256"]) == 64
