@@ -49,7 +49,7 @@ _TRACE_NHW = (2, 16, 16)
 def _op_function(op_type: str):
     """A torch.autograd.Function for one `bdm` op: forward = the NumPy reference (plugins/reference.py),
     symbolic = the `bdm` node with every attribute of the spec plus the TensorRT plugin selectors. Called as
-    Op.apply(*inputs in spec order, *attribute values in spec order)."""
+    Op.apply(*inputs in spec order, *attribute values in spec order): see `bdm_op`."""
     input_names = spec.input_names(op_type)
     attribute_names = list(spec.op(op_type)["attributes"])
 
@@ -69,11 +69,19 @@ def _op_function(op_type: str):
         channels = attributes.get("out_channels", attributes.get("channels"))
         return y.setType(tensors[0].type().with_sizes([None, channels, None, None]))
 
-    return type(op_type, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                      "symbolic": staticmethod(symbolic)})
+    function = type(op_type, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                          "symbolic": staticmethod(symbolic)})
+    return input_names, attribute_names, function
 
 
-OPS = {op_type: _op_function(op_type) for op_type in spec.ops()}
+_OPS = {op_type: _op_function(op_type) for op_type in spec.ops()}
+
+
+def bdm_op(op_type: str, inputs: Dict[str, torch.Tensor], **attributes) -> torch.Tensor:
+    """Apply a `bdm` op: inputs by the spec's names, attributes completed with the spec's defaults."""
+    input_names, attribute_names, function = _OPS[op_type]
+    attributes = reference.complete_attributes(op_type, attributes)
+    return function.apply(*(inputs[n] for n in input_names), *(attributes[n] for n in attribute_names))
 
 
 class PackedBIConv(bidiffsr.BIConv):
@@ -104,15 +112,15 @@ class PackedBIConv(bidiffsr.BIConv):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t32 = t.to(torch.int32)  # the exporter traces one Cast, shared by every node (TorchScript CSE)
-        p = self.packed
-        steps = (self.num_groups, self.total_steps)
+        tables = dict(self.packed.named_buffers())
+        steps = dict(num_groups=self.num_groups, total_steps=self.total_steps)
+        conv = dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size)
         if self.fused:
-            return OPS["BinaryConv2d"].apply(x, t32, p.weight, p.alpha, p.threshold, p.bias0, p.slope, p.bias1,
-                                             self.in_channels, self.out_channels, self.kernel_size, *steps, 0, 1)
-        shifted = OPS["TimestepBias"].apply(x, t32, p.threshold, self.in_channels, *steps)
-        conv = OPS["BinarySignConv2d"].apply(shifted, p.weight, p.alpha, self.in_channels, self.out_channels,
-                                             self.kernel_size, 0)
-        return OPS["TimestepRPReLU"].apply(conv, t32, p.bias0, p.slope, p.bias1, self.out_channels, *steps) + x
+            return bdm_op("BinaryConv2d", dict(tables, x=x, t=t32), **conv, **steps)
+        shifted = bdm_op("TimestepBias", dict(x=x, t=t32, table=tables["threshold"]), channels=self.in_channels,
+                         **steps)
+        scaled = bdm_op("BinarySignConv2d", dict(tables, x=shifted), **conv)
+        return bdm_op("TimestepRPReLU", dict(tables, x=scaled, t=t32), channels=self.out_channels, **steps) + x
 
 
 class Float16Embedding(nn.Module):
@@ -206,7 +214,8 @@ def _bypass_initializer_identities(graph: onnx.GraphProto):
 
 def _check_no_latent_weights(onnx_model: onnx.ModelProto, fp_params: int):
     """Every float initializer of the file together must not exceed the network's full-precision parameters
-    plus the per-channel alpha: a latent binarized weight left in the graph would."""
+    plus the per-channel alpha: a latent binarized weight left in the graph would. (A size bound only; the
+    BI-DiffSR export checks values: _check_no_binary_conv_weights.)"""
     bdm_nodes = [n for n in onnx_model.graph.node if n.domain == functions.DOMAIN]
     spec_inputs = {name for n in bdm_nodes for name in n.input[2:]}
     float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -215,6 +224,29 @@ def _check_no_latent_weights(onnx_model: onnx.ModelProto, fp_params: int):
     if stored > fp_params:
         raise BdmError(f"internal check failed: the exported graph stores {stored} full-precision weights, more than "
                        f"the {fp_params} of the network's FP layers (a latent binarized weight was exported)")
+
+
+def _check_no_binary_conv_weights(onnx_model: onnx.ModelProto, model: nn.Module):
+    """No tensor stored in the file is a BIConv's latent weight W, sign(W) or alpha * sign(W) (fp32 or rounded
+    to fp16): those live in the file only as packed bits."""
+    stored = {}
+    nodes = onnx_model.graph.node
+    constants = (a.t for n in nodes if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+    for tensor in [*onnx_model.graph.initializer, *constants]:
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            stored.setdefault(tuple(tensor.dims), []).append(tensor)
+    for path, module in bidiffsr.biconvs(model):
+        weight = module.binary_conv.weight.detach().float()
+        candidates = stored.get(tuple(weight.shape), [])
+        if not candidates:
+            continue
+        forms = [weight, torch.sign(weight), module.alpha().reshape(-1, 1, 1, 1) * torch.sign(weight)]
+        forms += [form.half().float() for form in forms]
+        for tensor in candidates:
+            value = torch.from_numpy(onnx.numpy_helper.to_array(tensor).astype(np.float32))
+            if any(torch.equal(value, form) for form in forms):
+                raise BdmError(f"internal check failed: {tensor.name or 'a constant'} in the exported graph holds the "
+                               f"full-precision weight of the binarized conv {path}")
 
 
 def check_options(dtype: str, opset: int):
@@ -234,8 +266,6 @@ def to_onnx(model: bidiffsr.BIDiffSRUNet, dtype: str = "fp32", opset: int = DEFA
         raise BdmError(f"bdm export handles BI-DiffSR networks; this checkpoint built a {type(model).__name__}")
     check_options(dtype, opset)
     biconv_paths = {path for path, _ in bidiffsr.biconvs(model)}
-    binarized = sum(m.binary_conv.weight.numel() for _, m in bidiffsr.biconvs(model))
-    fp_params = sum(p.numel() for p in model.parameters()) - binarized
 
     def pack(path, module):
         if path in biconv_paths:
@@ -255,7 +285,7 @@ def to_onnx(model: bidiffsr.BIDiffSRUNet, dtype: str = "fp32", opset: int = DEFA
             exported.timestep_level_mlp[0] = Float16Embedding(exported.timestep_level_mlp[0])
         onnx_model = _trace(exported, DTYPES[dtype], opset)
     _bypass_initializer_identities(onnx_model.graph)
-    _check_no_latent_weights(onnx_model, fp_params)
+    _check_no_binary_conv_weights(onnx_model, model)
     functions.attach_functions(onnx_model)
     meta = _network_metadata(model, dtype, fused, zero_sign, metadata or {})
     onnx.helper.set_model_props(onnx_model, {METADATA_PREFIX + k: str(v) for k, v in meta.items()})

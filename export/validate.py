@@ -4,16 +4,18 @@ Polygraphy's Comparator, on seeded inputs whose t covers both boundaries of ever
 The bound is the foundation's: max|y - y_ref| <= tol * max|y_ref| (fp32: 1e-5; fp16: 1e-2). A binarized
 network is chaotic: a pre-sign value x + beta that lies within rounding of 0 can take the other sign in another
 runtime, and one flipped sign moves the output far more than any rounding. So when ONNX Runtime misses the
-bound (and always for fp16), the check looks inside: it reads every binary layer's pre-sign values from both
-runtimes, counts the flipped signs per layer, and re-runs the PyTorch reference with ONNX Runtime's sign maps
-forced in. The model passes only if, with the same signs, it is within the bound, and every flip happened at a
-value within `FLIP_MARGIN` of zero (relative to the layer's largest |x + beta|): a flip anywhere else is a bug,
-not chaos. Nothing is loosened: a flip is reported, with its layer, never absorbed into a tolerance.
+bound (and always for fp16), the check looks inside: it reads every binary layer's pre-sign values and sign
+maps from both runtimes (ONNX Runtime's from its own run of the inlined graph), counts the flipped signs per
+layer, and re-runs the PyTorch reference with ONNX Runtime's sign maps forced in. The model passes only if,
+with the same signs, it is within the bound, and every flip happened at a value within `FLIP_MARGIN` of zero
+(relative to the layer's largest |x + beta|): a flip anywhere else is a bug, not chaos. Nothing is loosened: a
+flip is reported, with its layer, never absorbed into a tolerance.
 """
 
 import contextlib
 import json
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,19 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import onnx
 import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator, SimpleCompareFunc
+from polygraphy.logger import G_LOGGER
 
 from bdm.errors import BdmError
 from bdm.export import bidiffsr, functions
-from bdm.export.onnx_export import read_metadata
-from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME
+from bdm.export.checkpoint import load_model
+from bdm.export.onnx_export import read_metadata, resolve_zero_weights
 from bdm.plugins import spec
+from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, TorchRunner, trt_runner
+from bdm.runtime.trt_backend import file_sha256, parse_nhw
 
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 # A flip is rounding-level chaos only where |x + beta| is this small against the layer's largest |x + beta|:
@@ -56,18 +65,10 @@ def validation_feeds(nhw: Sequence[int], timesteps: Sequence[int], dtype, channe
     return feeds
 
 
-def _polygraphy():
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-
-    return BaseRunner, TensorMetadata
-
-
 def bdm_runner_for_polygraphy(runner, name: str, input_dtypes: Dict[str, np.dtype], compute_float=None):
     """A Polygraphy runner around a bdm runner (runtime.backends: TorchRunner, TrtRunner): Polygraphy's own
     PyTorch runner cannot run on CPU (it forces .cuda()). It takes feeds of `input_dtypes` and hands float inputs
     on as `compute_float` when given (the fp32 reference of an fp16 model sees the same fp16 values)."""
-    BaseRunner, TensorMetadata = _polygraphy()
 
     class Adapter(BaseRunner):
         def __init__(self):
@@ -339,12 +340,6 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
     """Run PyTorch, ONNX Runtime (and TensorRT when `engine` is given) on the same feeds with Polygraphy's
     Comparator; returns the per-case results (see the module doc for the criterion). The feeds are seeded
     random inputs of shape `nhw` at `timesteps` (default: both ends of every group), unless given."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
-    from polygraphy.logger import G_LOGGER
-
-    from bdm.runtime.backends import TorchRunner, trt_runner
-
     onnx_path = Path(onnx_path)
     onnx_model = onnx.load(str(onnx_path))
     x_dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx_model.graph.input[0].type.tensor_type.elem_type)
@@ -418,12 +413,6 @@ def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shap
                   log=print) -> ValidationReport:
     """`bdm validate`: the PyTorch reference is `ckpt` loaded with `config`, by default the network the export
     recorded in the model, and with the exact-zero weight resolution the export recorded."""
-    import warnings
-
-    from bdm.export.checkpoint import load_model
-    from bdm.export.onnx_export import resolve_zero_weights
-    from bdm.runtime.trt_backend import file_sha256, parse_nhw
-
     model_path = Path(model_path)
     nhw = parse_nhw(shape, "--shape")
     if not model_path.is_file():

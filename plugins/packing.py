@@ -32,8 +32,8 @@ class ZeroWeight(NamedTuple):
 
 class ZeroWeightError(ValueError):
     def __init__(self, zeros: ZeroWeight):
-        super().__init__(f"{zeros.count} exact-zero latent weights (first at [o, c, i, j] = {list(zeros.first_index)}); "
-                         f"sign(0) = 0 cannot be packed into one bit")
+        super().__init__(f"{zeros.count} exact-zero latent weights (first at [o, c, i, j] = "
+                         f"{list(zeros.first_index)}); sign(0) = 0 cannot be packed into one bit")
         self.zeros = zeros
 
 

@@ -92,10 +92,12 @@ def test_no_latent_binary_weight_and_one_int32_cast_of_t(exported, small_model):
     for name, (_, model) in exported.items():
         names = [i.name for i in model.graph.initializer]
         assert not [n for n in names if "binary_conv" in n or "TaR" in n or "TaA" in n], name
-        floats = sum(int(np.prod(i.dims)) for i in model.graph.initializer
-                     if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
-        binarized = sum(m.binary_conv.weight.numel() for _, m in bidiffsr.biconvs(small_model))
-        assert floats < sum(p.numel() for p in small_model.parameters()) - binarized + 3 * 56 * 64
+        stored = [onnx.numpy_helper.to_array(i).astype(np.float32) for i in model.graph.initializer
+                  if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        for path, module in bidiffsr.biconvs(small_model):
+            weight = module.binary_conv.weight.detach().numpy()
+            for form in (weight, np.sign(weight), weight.astype(np.float16).astype(np.float32)):
+                assert not any(a.shape == form.shape and np.array_equal(a, form) for a in stored), (name, path)
         int32_casts = [n for n in model.graph.node if n.op_type == "Cast"
                        and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.INT32]
         assert len(int32_casts) == 1, name  # t, once, for every bdm node
@@ -144,7 +146,8 @@ def test_fp16_export_error_at_every_golden_timestep(exported, small_model, bi_re
     threshold = initializers[node.input[4]]
     assert threshold.dtype == np.float32  # float32 by the spec, holding the fp16 network's values
     np.testing.assert_array_equal(threshold, threshold.astype(np.float16).astype(np.float32))
-    assert {i.dtype for n, i in initializers.items() if "packed" not in n and i.dtype.kind == "f"} == {np.dtype(np.float16)}
+    fp_weights = {i.dtype for n, i in initializers.items() if "packed" not in n and i.dtype.kind == "f"}
+    assert fp_weights == {np.dtype(np.float16)}
     g = np.load(bi_ref / "net_golden.npz")
     feeds = [golden_feed(g, i) for i in range(len(g["timesteps"]))]
     report = validate.compare(path, small_model, feeds=feeds, log=lambda line: None, polygraphy_stats=False)
@@ -200,3 +203,9 @@ def test_export_checkpoint_records_the_source_and_the_options_scale(bi_ref, tmp_
     meta = onnx_export.read_metadata(onnx.load(str(done.path)))
     assert meta["scale"] == "2" and meta["checkpoint"] == "ckpt_small_x4.pth" and meta["dtype"] == "fp32"
     assert json.loads(meta["network_g"])["inner_channel"] == 8 and len(meta["checkpoint_sha256"]) == 64
+
+
+def test_the_latent_weight_check_catches_a_network_traced_without_packing(small_model):
+    traced = onnx_export._trace(small_model, torch.float32, onnx_export.DEFAULT_OPSET)  # BIConvs not swapped
+    with pytest.raises(bdm.errors.BdmError, match="holds the full-precision weight of the binarized conv"):
+        onnx_export._check_no_binary_conv_weights(traced, small_model)

@@ -117,3 +117,18 @@ def test_a_flipped_weight_bit_fails(small_onnx, small_model, tmp_path):
                               log=print, polygraphy_stats=False)
     (case,) = report.cases
     assert not case.passed and case.forced_rel > 1e-5
+
+
+def test_probe_reads_onnx_runtimes_signs_in_the_fused_and_the_unfused_form(small_onnx, small_model):
+    feed = validate.validation_feeds((2, 16, 16), [700], np.float32)[0]
+    fused = validate.OnnxLayerProbe(small_onnx)
+    unfused = validate.OnnxLayerProbe(onnx_export.to_onnx(small_model, fused=False))
+    y_fused, presign, signs = fused.run(feed)
+    y_unfused, presign_unfused, signs_unfused = unfused.run(feed)
+    _, reference = validate.torch_presign(small_model, feed)
+    assert list(signs) == list(signs_unfused) == list(reference)  # every BIConv, in execution order
+    np.testing.assert_array_equal(y_fused, y_unfused)  # the same float32 operations
+    for path, ref in reference.items():
+        np.testing.assert_array_equal(signs[path], signs_unfused[path])
+        assert np.abs(presign[path] - ref).max() <= 1e-5 * np.abs(ref).max()
+        assert set(np.unique(signs[path])) <= {-1.0, 0.0, 1.0}
