@@ -177,8 +177,8 @@ def resolve_zero_signs(model: nn.Module, zero_sign: Optional[int], source: str) 
     if zero_sign is None:
         what = "exact-zero latent weights" if basis == 1 else "exact-zero second-basis residuals W - s1*sign(W)"
         raise BdmError(f"{source}: {len(found)} sign-0 weights, which 1-bit packing cannot hold (first: {what} in "
-                       f"{path}.weight at [o, c, ...] = {list(index)}, basis {basis}); pass --zero-weight-sign +1 or -1 "
-                       f"to export them with that sign")
+                       f"{path}.weight at [o, c, ...] = {list(index)}, basis {basis}); pass --zero-weight-sign +1 "
+                       f"or -1 to export them with that sign")
     layers = dict(binarized_layers(model))
     target = torch.tensor(zero_sign * math.inf)
     with torch.no_grad():
@@ -189,7 +189,8 @@ def resolve_zero_signs(model: nn.Module, zero_sign: Optional[int], source: str) 
                                  else torch.nextafter(weight[index], target))
     remaining = zero_signs(model)
     if remaining:
-        raise BdmError(f"internal: {len(remaining)} sign-0 weights remain after --zero-weight-sign (first {remaining[0]})")
+        raise BdmError(f"internal: {len(remaining)} sign-0 weights remain after --zero-weight-sign "
+                       f"(first {remaining[0]})")
     return len(found)
 
 

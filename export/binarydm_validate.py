@@ -125,7 +125,8 @@ class CaseResult:
     def line(self, tolerance: float) -> str:
         text = f"t={self.t0:<4} max|eps diff| rel {self.rel:.2e} (bound {tolerance:.0e})"
         if self.layers:
-            text += f"; {self.layers} layers teacher-forced, worst rel {self.worst_layer[1]:.1e} ({self.worst_layer[0]})"
+            path, rel = self.worst_layer
+            text += f"; {self.layers} layers teacher-forced, worst rel {rel:.1e} ({path})"
         if self.first_divergence:
             text += f"; the free runs part at {self.first_divergence} (chaotic W1A4: a rounding-level code flip)"
         if self.note:
@@ -163,7 +164,8 @@ def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: 
 
 
 def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: int = 2,
-            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, log: Callable[[str], None] = print) -> ValidationReport:
+            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0,
+            log: Callable[[str], None] = print) -> ValidationReport:
     """ONNX Runtime vs `model` (put in `mode` for the comparison) on seeded feeds; see the module doc."""
     onnx_model = onnx.load(str(onnx_path))
     probe = OnnxProbe(onnx_model)

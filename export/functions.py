@@ -75,7 +75,11 @@ class _Body:
         return self.op("Sign", v)  # ONNX Sign: 0 for +0.0 and -0.0, as common.yaml sign_rule
 
     def weight_signs(self, weight: str) -> str:
-        """Packed int32 [Cout, k, k, words] -> float32 +-1 [Cout, Cin, k, k] (common.yaml bit_layout).
+        """Packed int32 [Cout, k, k, words] -> float32 +-1 [Cout, Cin, k, k] (common.yaml bit_layout)."""
+        return self.op("Where", self.weight_bits(weight), self.const(1, np.float32), self.const(-1, np.float32))
+
+    def weight_bits(self, weight: str) -> str:
+        """Packed int32 [Cout, k, k, words] -> bool [Cout, Cin, k, k], True where the sign is +1.
 
         Bit b of the word's unsigned value u is set iff (u mod 2**(b+1)) >= 2**b. The one wide integer
         tensor is that remainder; the rearranging runs on booleans and the float weights come last, which keeps
@@ -89,8 +93,7 @@ class _Body:
         channels = self.op("Reshape", bits, self.const([0, 0, 0, -1], np.int64))      # channel c = 32*w + b
         in_channels = self.op("Reshape", self.attribute("in_channels"), self.const([1], np.int64))
         used = self.op("Slice", channels, self.const([0], np.int64), in_channels, self.const([3], np.int64))
-        positive = self.op("Transpose", used, perm=[0, 3, 1, 2])
-        return self.op("Where", positive, self.const(1, np.float32), self.const(-1, np.float32))  # 1: +1, 0: -1
+        return self.op("Transpose", used, perm=[0, 3, 1, 2])
 
     def scaled_dot(self, sign_map: str, weight: str, alpha: str) -> str:
         """alpha[o] * dot, dot = the sign map padded by kernel_size div 2 with pad_value (after the sign),

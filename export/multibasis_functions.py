@@ -3,7 +3,7 @@ shares with the exported quantized attention, from standard opset-17 operators.
 
 Builders take a body `b` with the interface of bdm.export.functions._Body: `b.op(op_type, *inputs, **attributes)`
 and `b.const(value, dtype)` return value names, `b.attribute(name)` is an INT attribute as an int64 scalar,
-`b.float32`, `b.weight_signs` and `b.output` as there. The body is registered in functions._BODIES; the exporter
+`b.float32`, `b.weight_bits` and `b.output` as there. The body is registered in functions._BODIES; the exporter
 also runs `act_quantize` over a TorchScript graph (bdm.export.binarydm_onnx), so the quantizer of the attention and
 of the layers is one piece of code.
 
@@ -85,11 +85,14 @@ def multibasis_conv_body(b, x, weight, scale, bias, act_step, y):
     in_channels = _as_1d(b, b.attribute("in_channels"))
     words = _slice(b, w_shape, -1, _INT64_MAX)
     per_tap = b.op("Reshape", weight, b.op("Concat", b.const([-1, 1, 1], np.int64), words, axis=0))
-    signs = b.weight_signs(per_tap)                                                 # [K*O*T, I, 1, 1]
-    signs = b.op("Reshape", signs, b.op("Concat", _slice(b, w_shape, 0, 2), b.const([-1], np.int64), in_channels,
-                                        axis=0))                                    # [K, O, T, I]
-    signs = b.op("Transpose", signs, perm=[0, 1, 3, 2])                             # [K, O, I, T]
-    weighted = b.op("Mul", signs, b.op("Reshape", scale, b.const([0, 0, 1, 1], np.int64)))
+    bits = b.weight_bits(per_tap)                                                   # [K*O*T, I, 1, 1] bool
+    bits = b.op("Reshape", bits, b.op("Concat", _slice(b, w_shape, 0, 2), b.const([-1], np.int64), in_channels,
+                                      axis=0))                                      # [K, O, T, I]
+    bits = b.op("Transpose", bits, perm=[0, 1, 3, 2])                               # [K, O, I, T]
+    scale4 = b.op("Reshape", scale, b.const([0, 0, 1, 1], np.int64))
+    # scale[k, o] * B_k as a selection of +-scale: booleans until here, one float tensor per basis (ONNX Runtime
+    # folds these weights once per session and keeps every intermediate: ~23 bytes per sign bit in all)
+    weighted = b.op("Where", bits, scale4, b.op("Neg", scale4))
     w_hat = b.op("ReduceSum", weighted, b.const([0], np.int64), keepdims=0)         # one float32 add for K = 2
     w4 = b.op("Reshape", w_hat, b.op("Concat", _slice(b, w_shape, 1, 2), in_channels, ones,
                                      _slice(b, w_shape, 2, -1), axis=0))

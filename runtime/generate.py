@@ -106,9 +106,10 @@ def generate(runner, output, settings: GenerateSettings, stream: TextIO = sys.st
         return eps
 
     progress = Progress(stream, 1)
-    progress.message(f"bdm: backend {runner.describe()}; {settings.num} samples of {settings.channels}x"
-                     f"{settings.image_size}x{settings.image_size}, {len(schedule)} DDIM steps (t {schedule.timesteps[0]}"
-                     f"..{schedule.timesteps[-1]}), {batch} per call, "
+    side = settings.image_size
+    progress.message(f"bdm: backend {runner.describe()}; {settings.num} samples of {settings.channels}x{side}x{side}, "
+                     f"{len(schedule)} DDIM steps (t {schedule.timesteps[0]}..{schedule.timesteps[-1]}), "
+                     f"{batch} per call, "
                      + (f"noise from {settings.noise_file}" if settings.noise_file else f"seed {settings.seed}"))
     progress.begin(1, output.name)
 

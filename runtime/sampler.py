@@ -149,12 +149,13 @@ def ldm_ddim_schedule(steps: int = LDM_DEFAULT_STEPS, num_train_timesteps: int =
     abar[0], no x0 clipping (module docstring)."""
     if not 1 <= steps <= num_train_timesteps // 2:
         raise BdmError(f"--steps {steps} is outside 1..{num_train_timesteps // 2} (LDM's DDIM needs T // steps >= 2 "
-                       f"for T = {num_train_timesteps} training timesteps); use {LDM_DEFAULT_STEPS}, BinaryDM's setting")
+                       f"for T = {num_train_timesteps} training timesteps); use {LDM_DEFAULT_STEPS}, BinaryDM's "
+                       f"setting")
     ascending = np.arange(0, num_train_timesteps, num_train_timesteps // steps, dtype=np.int64) + 1
     if ascending[-1] >= num_train_timesteps:
         raise BdmError(f"--steps {steps}: LDM's DDIM timesteps range(0, {num_train_timesteps}, "
-                       f"{num_train_timesteps // steps}) + 1 reach t = {ascending[-1]}, past the last training timestep "
-                       f"(LDM itself fails there); choose another step count, e.g. {LDM_DEFAULT_STEPS}")
+                       f"{num_train_timesteps // steps}) + 1 reach t = {ascending[-1]}, past the last training "
+                       f"timestep (LDM itself fails there); choose another step count, e.g. {LDM_DEFAULT_STEPS}")
     table = ldm_alphas_cumprod(num_train_timesteps, linear_start, linear_end)
     alpha_bar = table[ascending]
     alpha_bar_prev = np.concatenate([table[:1], table[ascending[:-1]]])
