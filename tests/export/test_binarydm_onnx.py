@@ -195,11 +195,51 @@ def test_unet_static_export_holds_packed_weights_and_records_its_mode(resolved_u
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_unet_chaotic_modes_pass_the_teacher_forced_validation(resolved_unet, unet_exports, mode, tmp_path):
+def test_unet_chaotic_modes_pass_the_validation(resolved_unet, unet_exports, mode, tmp_path):
+    """t = 999 parts at a code flip in dynamic mode (measured): the forced-codes run must then meet the bound."""
     path = tmp_path / f"{mode}.onnx"
     path.write_bytes(unet_exports[mode].SerializeToString())
     lines = []
     report = binarydm_validate.compare(path, resolved_unet, mode, timesteps=(999,), log=lines.append)
     print("\n".join(f"[{UNET} {mode} validation] {line}" for line in lines))
     assert report.passed and all(c.layers == 96 and c.worst_layer[1] <= 1e-5 for c in report.cases)
+    for case in report.cases:
+        assert case.rel <= 1e-5 or (case.forced_rel <= 1e-5 and case.flips.codes >= 1)
     assert resolved_unet.input_blocks[1][0].in_layers[2].mode == "static"  # the model's modes are restored
+
+
+def group_norm_scale(model: onnx.ModelProto, scope: str) -> str:
+    """The initializer a GroupNorm's affine scale became (the Mul after InstanceNormalization)."""
+    return next(n for n in model.graph.node if n.name == f"{scope}/Mul").input[1]
+
+
+def corrupted(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    tensor = next(i for i in broken.graph.initializer if i.name == name)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(change(onnx.numpy_helper.to_array(tensor).copy()), name))
+    return broken
+
+
+def invert_first_channel(packed):
+    """One output channel's packed signs inverted (both bases): that layer computes something else."""
+    packed[:, 0] = ~packed[:, 0]
+    return packed
+
+
+@pytest.mark.parametrize("where", ["layer", "glue"])
+def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path, where):
+    exported = unet_exports["static"]
+    if where == "layer":
+        broken = corrupted(exported, "output_blocks.3.0.in_layers.2.packed.weight", invert_first_channel)
+    else:  # the output GroupNorm's scale off by 1e-3 (FP glue; one feeding a 4-bit quantizer may change no code)
+        broken = corrupted(exported, group_norm_scale(exported, "/out/out.0"), lambda w: w * np.float32(1.001))
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(broken.SerializeToString())
+    report = binarydm_validate.compare(path, resolved_unet, "static", timesteps=(500,), log=lambda line: None)
+    case = report.cases[0]
+    assert not report.passed and case.rel > 1e-5
+    if where == "layer":
+        assert case.worst_layer[0] == "output_blocks.3.0.in_layers.2" and case.worst_layer[1] > 1e-3
+    else:
+        assert case.worst_layer[1] <= 1e-5 and case.forced_rel > 1e-5
