@@ -1,5 +1,6 @@
 """ctypes binding of libbdm_kernels.so's C ABI (binary_conv/binary_conv_kernel.h,
-timestep_affine/timestep_affine_kernel.h), for tests and benchmarks without TensorRT.
+timestep_affine/timestep_affine_kernel.h, multibasis_conv/multibasis_conv_kernel.h), for tests and benchmarks
+without TensorRT.
 
 Every op takes either NumPy arrays (the C ABI's host path: the device code's own per-output functions run
 on the CPU) or torch CUDA tensors (the kernels, enqueued on torch's current stream). Arguments follow the op
@@ -40,6 +41,16 @@ class AffineTensors(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "t", "table", "bias0", "slope", "bias1", "y")]
 
 
+class MultiBasisShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "batch", "in_channels", "out_channels", "spatial_dims", "height", "width", "kernel_size", "stride", "padding",
+        "num_bases", "act_bits")]
+
+
+class MultiBasisTensors(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "weight", "scale", "bias", "act_step", "y")]
+
+
 @functools.lru_cache(maxsize=None)
 def load(path: Optional[str] = None) -> ctypes.CDLL:
     """The kernels library: `path`, $BDM_KERNELS_LIB, or the default build folder."""
@@ -60,6 +71,15 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     lib.bdm_timestep_affine.restype = ctypes.c_int
     lib.bdm_timestep_affine_host.argtypes = affine_args
     lib.bdm_timestep_affine_host.restype = ctypes.c_int
+    mb_args = [ctypes.POINTER(MultiBasisShape), ctypes.POINTER(MultiBasisTensors)]
+    lib.bdm_multibasis_conv_out_size.argtypes = [ctypes.c_int32] * 4
+    lib.bdm_multibasis_conv_out_size.restype = ctypes.c_int32
+    lib.bdm_multibasis_conv_workspace_size.argtypes = [ctypes.POINTER(MultiBasisShape)]
+    lib.bdm_multibasis_conv_workspace_size.restype = ctypes.c_size_t
+    lib.bdm_multibasis_conv.argtypes = mb_args + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.bdm_multibasis_conv.restype = ctypes.c_int
+    lib.bdm_multibasis_conv_host.argtypes = mb_args
+    lib.bdm_multibasis_conv_host.restype = ctypes.c_int
     lib.bdm_status_string.argtypes = [ctypes.c_int]
     lib.bdm_status_string.restype = ctypes.c_char_p
     return lib
@@ -157,4 +177,35 @@ def timestep_affine(x, t, *, num_groups=5, total_steps=2000, table=None, bias0=N
     else:
         status = lib.bdm_timestep_affine_host(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype)
     _check(lib, status, "bdm_timestep_affine")
+    return y
+
+
+def multibasis_conv(x, weight, scale, bias, act_step, *, in_channels, out_channels, num_bases, spatial_dims,
+                    kernel_size=1, stride=1, padding=0, act_bits=4, library=None):
+    """MultiBasisConv (plugins/multibasis_conv/spec.yaml): x float32 [N, C, *spatial] with spatial_dims axes."""
+    lib = load(library)
+    ops = _Operands(x)
+    if ops.x_dtype != "float32":
+        raise BdmError(f"MultiBasisConv takes float32 x, got {ops.x_dtype}")
+    if len(x.shape) != 2 + spatial_dims or x.shape[1] != in_channels:
+        raise BdmError(f"x has shape {tuple(x.shape)}, spatial_dims {spatial_dims} and in_channels {in_channels} "
+                       f"need [N, {in_channels}] + {spatial_dims} axes")
+    n = x.shape[0]
+    spatial = (1,) * (2 - spatial_dims) + tuple(x.shape[2:])  # every form as a 2-D conv: H, W
+    shape = MultiBasisShape(n, in_channels, out_channels, spatial_dims, *spatial, kernel_size, stride, padding,
+                            num_bases, act_bits)
+    out_spatial = tuple(lib.bdm_multibasis_conv_out_size(length, kernel_size, stride, padding)
+                        for length in x.shape[2:])
+    y, y_ptr = ops.output((n, out_channels) + out_spatial, x)
+    tensors = MultiBasisTensors(ops.ptr(x, "float32"), ops.ptr(weight, "int32"), ops.ptr(scale, "float32"),
+                                ops.ptr(bias, "float32"), ops.ptr(act_step, "float32"), y_ptr)
+    if ops.on_gpu:
+        import torch
+        workspace_bytes = lib.bdm_multibasis_conv_workspace_size(ctypes.byref(shape))
+        workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=x.device)
+        status = lib.bdm_multibasis_conv(ctypes.byref(shape), ctypes.byref(tensors), workspace.data_ptr(),
+                                         workspace_bytes, _stream())
+    else:
+        status = lib.bdm_multibasis_conv_host(ctypes.byref(shape), ctypes.byref(tensors))
+    _check(lib, status, "bdm_multibasis_conv")
     return y

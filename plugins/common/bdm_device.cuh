@@ -49,6 +49,25 @@ __host__ __device__ inline float addRn(float a, float b)
 #endif
 }
 
+__host__ __device__ inline float subRn(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+// A true IEEE division (round to nearest even), also under --use_fast_math.
+__host__ __device__ inline float divRn(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fdiv_rn(a, b);
+#else
+    return a / b;
+#endif
+}
+
 __host__ __device__ inline float toFloat(float v)
 {
     return v;

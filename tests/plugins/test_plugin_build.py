@@ -16,7 +16,8 @@ from bdm.plugins import build as plugin_build
 SASS_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 PTX_ARCH = "sm_90"
 C_ABI = {"bdm_binary_conv2d", "bdm_binary_conv2d_host", "bdm_binary_conv_workspace_size", "bdm_status_string",
-         "bdm_timestep_affine", "bdm_timestep_affine_host"}
+         "bdm_timestep_affine", "bdm_timestep_affine_host", "bdm_multibasis_conv", "bdm_multibasis_conv_host",
+         "bdm_multibasis_conv_out_size", "bdm_multibasis_conv_workspace_size"}
 
 
 def cuda_tool(name):

@@ -1,0 +1,212 @@
+"""The MultiBasisConv kernels through their C ABI (bdm.plugins.kernels.multibasis_conv) against the op spec's NumPy
+reference (bdm.plugins.multibasis_reference), exact integer arithmetic, and BinaryDM's official layer goldens.
+
+Backends: "host" runs the device code's own functions on the CPU through the C ABI's host path (every machine with
+nvcc); "gpu" runs the CUDA kernels (skipped without a GPU) and must be bit-identical to "host": both evaluate the same
+functions with one IEEE float32 operation at a time and an exact integer dot product.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bdm.errors import BdmError
+from bdm.plugins import kernels, spec
+from bdm.plugins import multibasis_reference as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))  # shared golden helpers of the BinaryDM tests
+from binarydm_goldens import BOUND, LAYER_CASES, build_layer, golden  # noqa: E402
+
+BACKENDS = ["host", "gpu"]
+# (spatial_dims, kernel_size, stride, padding, spatial shape): every form of the op, odd sizes, stride 2 with an
+# odd input (the last window is cut), padding wider than 1, a 1-D kernel over a short sequence
+FORMS = [
+    (2, 3, 1, 1, (9, 7)),
+    (2, 3, 2, 1, (9, 7)),
+    (2, 1, 1, 0, (5, 6)),
+    (2, 3, 1, 2, (4, 5)),
+    (1, 3, 1, 1, (11,)),
+    (1, 1, 1, 0, (6,)),
+    (0, 1, 1, 0, ()),
+]
+# (in_channels, out_channels): below, across and at multiples of 32
+CHANNELS = [(40, 24), (32, 33), (7, 5), (96, 16)]
+
+
+@pytest.fixture(scope="module")
+def library(kernels_library):
+    return str(kernels_library)
+
+
+def on_backend(backend, array):
+    if backend == "host":
+        return np.asarray(array)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: the GPU kernels are checked on a machine with one")
+    return torch.as_tensor(np.asarray(array)).cuda()
+
+
+def to_numpy(y):
+    return y if isinstance(y, np.ndarray) else y.cpu().numpy()
+
+
+def random_case(cin, cout, form, num_bases, seed):
+    """x, packed weight, scale, bias, act_step of one layer; s2 < s1 as BinaryDM's residual basis."""
+    spatial_dims, kernel_size = form[0], form[1]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, cin) + form[4]).astype(np.float32)
+    signs = np.where(rng.standard_normal((num_bases, cout, cin) + (kernel_size,) * spatial_dims) > 0, 1, -1)
+    scale = (rng.random((num_bases, cout)) * [[0.1], [0.03]][:num_bases] + 0.005).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    return x, ref.pack_bases(signs), scale, bias, np.array([0.37], np.float32)
+
+
+def attributes(cin, cout, form, num_bases, act_bits):
+    spatial_dims, kernel_size, stride, padding, _ = form
+    return dict(in_channels=cin, out_channels=cout, num_bases=num_bases, spatial_dims=spatial_dims,
+                kernel_size=kernel_size, stride=stride, padding=padding, act_bits=act_bits)
+
+
+def run(library, backend, inputs, attrs):
+    return to_numpy(kernels.multibasis_conv(*(on_backend(backend, a) for a in inputs), library=library, **attrs))
+
+
+def assert_conforms(ours, expected, what):
+    """The spec's bound: |y - y_ref| <= 1e-5 * max|y_ref| over the tensor."""
+    assert ours.shape == expected.shape and ours.dtype == np.float32, what
+    err = float(np.abs(ours.astype(np.float64) - expected).max())
+    bound = BOUND * float(np.abs(expected).max())
+    assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("act_bits", spec.op("MultiBasisConv")["attributes"]["act_bits"]["allowed"])
+@pytest.mark.parametrize("num_bases", [1, 2])
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "d{}_k{}_s{}_p{}".format(*f[:4]))
+def test_host_path_conforms_to_the_spec_reference(library, form, num_bases, act_bits):
+    for cin, cout in CHANNELS:
+        inputs = random_case(cin, cout, form, num_bases, seed=cin * 100 + cout)
+        attrs = attributes(cin, cout, form, num_bases, act_bits)
+        assert_conforms(run(library, "host", inputs, attrs), ref.multibasis_conv(*inputs, **attrs),
+                        f"cin {cin} cout {cout}")
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "d{}_k{}_s{}_p{}".format(*f[:4]))
+def test_gpu_kernels_equal_the_host_path_bit_for_bit(library, form, act_bits):
+    for cin, cout in CHANNELS:
+        inputs = random_case(cin, cout, form, 2, seed=cin + cout)
+        attrs = attributes(cin, cout, form, 2, act_bits)
+        gpu = run(library, "gpu", inputs, attrs)
+        host = run(library, "host", inputs, attrs)
+        assert gpu.tobytes() == host.tobytes(), f"cin {cin} cout {cout}: {int((gpu != host).sum())} elements differ"
+
+
+def unit_step_case(bits, numel):
+    """act_step a with grad_scale(a) == 1.0 exactly for this numel (so x / step is x and codes are exact)."""
+    qp = 2 ** (bits - 1) - 1
+    for a in (1.0, 2.0, 0.5):
+        if ref.activation_step(np.float32(a), numel, qp) == np.float32(1.0):
+            return np.array([a], np.float32)
+    pytest.fail(f"no power-of-two act_step gives step 1 for numel {numel}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_codes_and_dot_products_are_exact(library, backend, act_bits):
+    """Step 1, s1 = 1, s2 = 0.5, bias 0: y = sum_c k_c * W_hat_c is a multiple of 0.5 far below 2^24, so float32
+    holds it exactly. x holds halves (ties round to even: 2.5 -> 2, -0.5 -> -0, 3.5 -> 4) and values beyond the
+    grid (clamped to Qn / Qp); the expected y is integer arithmetic, independent of the reference's quantizer."""
+    cin, cout, form = 70, 9, (2, 3, 1, 1, (6, 5))
+    rng = np.random.default_rng(act_bits)
+    qn, qp = ref.act_range(act_bits)
+    x = (rng.integers(2 * qn - 12, 2 * qp + 12, size=(2, cin) + form[4]) / 2).astype(np.float32)
+    signs = np.where(rng.standard_normal((2, cout, cin, 3, 3)) > 0, 1, -1)
+    scale = np.stack([np.ones(cout), np.full(cout, 0.5)]).astype(np.float32)
+    act_step = unit_step_case(act_bits, x.size)
+    codes = np.round(np.clip(x.astype(np.float64), qn, qp))  # half to even
+    w_hat = 2 * (signs[0] + 0.5 * signs[1])  # in halves: integer
+    padded = np.pad(codes, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    expected = np.zeros((2, cout, 6, 5))
+    for i in range(3):
+        for j in range(3):
+            expected += np.einsum("nchw,oc->nohw", padded[:, :, i:i + 6, j:j + 5], w_hat[:, :, i, j])
+    ours = run(library, backend, (x, ref.pack_bases(signs), scale, np.zeros(cout, np.float32), act_step),
+               attributes(cin, cout, form, 2, act_bits))
+    assert np.array_equal(ours.astype(np.float64) * 2, expected)
+    assert np.abs(expected).max() > 4 * qp  # not a degenerate case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_comes_after_quantization_and_adds_zero(library, backend):
+    """All-ones x and weights, one basis, step 1: an interior output sums 9*C codes of 1, a corner 4*C (padded taps
+    add 0, not a quantized pad value)."""
+    cin = 37
+    x = np.ones((1, cin, 4, 5), np.float32)
+    weight = ref.pack_bases(np.ones((1, 1, cin, 3, 3)))
+    y = run(library, backend, (x, weight, np.ones((1, 1), np.float32), np.zeros(1, np.float32),
+                               unit_step_case(4, x.size)), attributes(cin, 1, (2, 3, 1, 1, (4, 5)), 1, 4))[0, 0]
+    assert y[0, 0] == 4 * cin and y[0, 2] == 6 * cin and y[1, 1] == 9 * cin
+
+
+def test_arguments_outside_the_spec_are_refused(library):
+    form = (2, 3, 1, 1, (9, 7))
+    inputs = random_case(40, 24, form, 2, seed=1)
+    with pytest.raises(BdmError, match="invalid argument"):
+        run(library, "host", inputs, dict(attributes(40, 24, form, 2, 4), act_bits=3))
+    with pytest.raises(BdmError, match="invalid argument"):  # stride 2 is conv2d only
+        run(library, "host", random_case(40, 24, FORMS[4], 2, seed=1), dict(attributes(40, 24, FORMS[4], 2, 4),
+                                                                             stride=2))
+    with pytest.raises(BdmError, match="float32 x"):
+        kernels.multibasis_conv(inputs[0].astype(np.float16), *inputs[1:], library=library,
+                                **attributes(40, 24, form, 2, 4))
+
+
+# ---- BinaryDM's own layers: the official goldens ----------------------------------------------------------------
+
+GOLDEN_MODES = {"static": "y_static", "dynamic": "y_dynamic", "w1a32": "y_w1a32"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_every_binarydm_layer_golden(library, bdm_ref, backend, case):
+    """What the exporter feeds the node (packed bases, s1/s2, bias, and the step: the stored alpha in static mode,
+    2*mean|x|/sqrt(Qp) computed before the node in dynamic mode) against the official output of every mode."""
+    from bdm.export.binarydm_layers import act_range, dynamic_step
+
+    meta, state, arrays = golden(bdm_ref, case)
+    layer = build_layer(meta, state)
+    view = layer.export_view()
+    assert view.packed_signs is not None, f"{case}: the golden layer holds an exact-zero sign"
+    x = arrays["x"]
+    bits = meta["act_quantizer"]["nbits"]
+    spatial_dims = {"conv2d": 2, "conv1d": 1, "linear": 0}[view.kind]
+    base = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, num_bases=view.order,
+                spatial_dims=spatial_dims, kernel_size=view.weight_shape[2] if spatial_dims else 1,
+                stride=view.stride, padding=view.padding)
+    for mode, key in GOLDEN_MODES.items():
+        act_step = dynamic_step(x, act_range(bits)[1]) if mode == "dynamic" else view.act_step
+        ours = run(library, backend, (x.numpy(), view.packed_signs.numpy(), view.scales.numpy(), view.bias.numpy(),
+                                      act_step.numpy()), dict(base, act_bits=0 if mode == "w1a32" else bits))
+        assert_conforms(ours, arrays[key].numpy().astype(np.float64), f"{case} {mode}")
+
+
+@pytest.mark.parametrize("backend", ["gpu"])
+def test_kernels_are_cuda_graph_capture_safe(library, backend):
+    """No allocation, synchronisation or host read of act_step: a captured graph replays with a new step."""
+    form = (2, 3, 1, 1, (9, 7))
+    x, weight, scale, bias, act_step = (on_backend(backend, a) for a in random_case(40, 24, form, 2, seed=3))
+    attrs = attributes(40, 24, form, 2, 4)
+    kernels.multibasis_conv(x, weight, scale, bias, act_step, library=library, **attrs)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.multibasis_conv(x, weight, scale, bias, act_step, library=library, **attrs)
+    for step in (0.37, 0.11):
+        act_step.fill_(step)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ref.multibasis_conv(*(to_numpy(a) for a in (x, weight, scale, bias, act_step)), **attrs)
+        assert_conforms(to_numpy(y), expected.astype(np.float64), f"replay step {step}")
