@@ -155,10 +155,12 @@ struct ClassDots
     int diff = 0;
 };
 
-__host__ __device__ inline ClassDots dotQuantized(uint32_t const* planes, int32_t const* weight, Geometry const& geo,
-    OutCoord const& at, int o)
+// Calls visit(pixel, word, w1, sameMask) for every in-image tap and channel word of output `at`, o (padded taps
+// contribute 0 in both arithmetic paths); sameMask = B1 XNOR B2 (all ones for one basis).
+template <typename Visit>
+__host__ __device__ inline void forEachTapWord(int32_t const* weight, Geometry const& geo, OutCoord const& at, int o,
+    Visit visit)
 {
-    ClassDots d;
     for (int i = 0; i < geo.kernelH; ++i)
     {
         for (int j = 0; j < geo.kernelW; ++j)
@@ -169,22 +171,31 @@ __host__ __device__ inline ClassDots dotQuantized(uint32_t const* planes, int32_
                 continue;
             }
             int const tap = i * geo.kernelW + j;
-            uint32_t const* p = planes + pixel * geo.words * geo.actBits;
-            for (int word = 0; word < geo.words; ++word, p += geo.actBits)
+            for (int word = 0; word < geo.words; ++word)
             {
                 uint32_t const w1 = weightWord(weight, geo, 0, o, tap, word);
                 uint32_t const sameMask = geo.numBases == 2 ? ~(w1 ^ weightWord(weight, geo, 1, o, tap, word)) : ~0u;
-                for (int b = 0; b < geo.actBits; ++b)
-                {
-                    int const pw = planeWeight(b, geo.actBits);
-                    uint32_t const same = p[b] & sameMask;
-                    uint32_t const diff = p[b] & ~sameMask;
-                    d.same += pw * (2 * popcount(same & w1) - popcount(same));
-                    d.diff += pw * (2 * popcount(diff & w1) - popcount(diff));
-                }
+                visit(pixel, word, w1, sameMask);
             }
         }
     }
+}
+
+__host__ __device__ inline ClassDots dotQuantized(uint32_t const* planes, int32_t const* weight, Geometry const& geo,
+    OutCoord const& at, int o)
+{
+    ClassDots d;
+    forEachTapWord(weight, geo, at, o, [&](long long pixel, int word, uint32_t w1, uint32_t sameMask) {
+        uint32_t const* p = planes + (pixel * geo.words + word) * geo.actBits;
+        for (int b = 0; b < geo.actBits; ++b)
+        {
+            int const pw = planeWeight(b, geo.actBits);
+            uint32_t const same = p[b] & sameMask;
+            uint32_t const diff = p[b] & ~sameMask;
+            d.same += pw * (2 * popcount(same & w1) - popcount(same));
+            d.diff += pw * (2 * popcount(diff & w1) - popcount(diff));
+        }
+    });
     return d;
 }
 
@@ -201,32 +212,16 @@ __host__ __device__ inline float outputFloat(float const* x, int32_t const* weig
     Geometry const& geo, OutCoord const& at, int o)
 {
     float acc = 0.0f;
-    for (int i = 0; i < geo.kernelH; ++i)
-    {
-        for (int j = 0; j < geo.kernelW; ++j)
+    forEachTapWord(weight, geo, at, o, [&](long long pixel, int word, uint32_t w1, uint32_t sameMask) {
+        long long const n = pixel / geo.hw;
+        float const* xc = x + (n * geo.inChannels + word * 32) * geo.hw + (pixel - n * geo.hw);
+        int const count = geo.inChannels - word * 32 < 32 ? geo.inChannels - word * 32 : 32;
+        for (int b = 0; b < count; ++b)
         {
-            long long const pixel = tapPixel(geo, at, i, j);
-            if (pixel < 0)
-            {
-                continue;
-            }
-            int const tap = i * geo.kernelW + j;
-            long long const n = pixel / geo.hw;
-            float const* xp = x + n * geo.inChannels * geo.hw + (pixel - n * geo.hw);
-            for (int word = 0; word < geo.words; ++word)
-            {
-                uint32_t const w1 = weightWord(weight, geo, 0, o, tap, word);
-                uint32_t const sameMask = geo.numBases == 2 ? ~(w1 ^ weightWord(weight, geo, 1, o, tap, word)) : ~0u;
-                int const count = geo.inChannels - word * 32 < 32 ? geo.inChannels - word * 32 : 32;
-                for (int b = 0; b < count; ++b)
-                {
-                    float const magnitude = (sameMask >> b) & 1u ? v.same : v.diff;
-                    float const w = (w1 >> b) & 1u ? magnitude : -magnitude;
-                    acc = addRn(acc, mulRn(xp[(word * 32 + b) * geo.hw], w));
-                }
-            }
+            float const magnitude = (sameMask >> b) & 1u ? v.same : v.diff;
+            acc = addRn(acc, mulRn(xc[b * geo.hw], (w1 >> b) & 1u ? magnitude : -magnitude));
         }
-    }
+    });
     return addRn(bias, acc);
 }
 
