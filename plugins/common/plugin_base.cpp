@@ -50,7 +50,7 @@ bool allowedValue(FieldSpec const& spec, int64_t value)
 {
     if (spec.allowed.empty())
     {
-        return value >= 1 && value <= INT32_MAX;
+        return value >= spec.minimum && value <= INT32_MAX;
     }
     for (int32_t const a : spec.allowed)
     {
@@ -66,7 +66,7 @@ std::string allowedText(FieldSpec const& spec)
 {
     if (spec.allowed.empty())
     {
-        return "a positive int32";
+        return spec.minimum == 1 ? std::string("a positive int32") : "an int32 >= " + std::to_string(spec.minimum);
     }
     std::ostringstream s;
     s << "one of";
@@ -116,6 +116,12 @@ std::string parseFields(OpDescriptor const& op, PluginFieldCollection const* fc,
         }
     }
     return {};
+}
+
+// The types an activation input (x) may have; the output takes x's type.
+bool activationType(InputKind kind, DataType type)
+{
+    return type == DataType::kFLOAT || (kind == InputKind::kActivation && type == DataType::kHALF);
 }
 
 std::string pluginLabel(OpDescriptor const& op)
@@ -248,9 +254,10 @@ int32_t Plugin::configurePlugin(
 int32_t Plugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    if (nbOutputs != 1 || nbInputs < 1 || (inputTypes[0] != DataType::kFLOAT && inputTypes[0] != DataType::kHALF))
+    if (nbOutputs != 1 || nbInputs < 1 || !activationType(mOp.inputs[0], inputTypes[0]))
     {
-        logMessage(Severity::kERROR, pluginLabel(mOp) + ": x must be float32 or float16");
+        bool const halfToo = mOp.inputs[0] == InputKind::kActivation;
+        logMessage(Severity::kERROR, pluginLabel(mOp) + (halfToo ? ": x must be float32 or float16" : ": x must be float32"));
         return -1;
     }
     outputTypes[0] = inputTypes[0];
@@ -260,13 +267,19 @@ int32_t Plugin::getOutputDataTypes(
 int32_t Plugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* outputs,
     int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept
 {
-    if (nbInputs != static_cast<int32_t>(mOp.inputs.size()) || nbOutputs != 1 || inputs[0].nbDims < 2)
+    auto const rank = static_cast<int32_t>(mOp.inputDims(mFields)[0].size());
+    if (nbInputs != static_cast<int32_t>(mOp.inputs.size()) || nbOutputs != 1 || inputs[0].nbDims != rank)
     {
-        logMessage(Severity::kERROR, pluginLabel(mOp) + ": x must be [N, C, ...] and there is one output");
+        logMessage(Severity::kERROR,
+            pluginLabel(mOp) + ": x must have rank " + std::to_string(rank) + " ([N, C, ...]) and there is one output");
         return -1;
     }
     outputs[0] = inputs[0];
     outputs[0].d[1] = exprBuilder.constant(mFields.get(mOp.outputChannelsField));
+    if (mOp.outputSpatialDims)
+    {
+        mOp.outputSpatialDims(mFields, exprBuilder, outputs[0]);
+    }
     return 0;
 }
 
@@ -288,7 +301,8 @@ bool Plugin::supportsFormatCombination(
     }
     switch (mOp.inputs[pos])
     {
-    case InputKind::kActivation: return desc.type == DataType::kFLOAT || desc.type == DataType::kHALF;
+    case InputKind::kActivation:
+    case InputKind::kFloat32Activation: return activationType(mOp.inputs[pos], desc.type);
     case InputKind::kInt32: return desc.type == DataType::kINT32;
     case InputKind::kFloat32: return desc.type == DataType::kFLOAT;
     }

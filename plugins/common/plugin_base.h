@@ -18,18 +18,20 @@ namespace trt
 // How an op input may be typed (plugins/*/spec.yaml `dtype`).
 enum class InputKind
 {
-    kActivation, // float32 or float16; the output follows its type
+    kActivation,        // float32 or float16; the output follows its type
+    kFloat32Activation, // float32 only (spec x dtype [float32]); the output is float32
     kInt32,
     kFloat32
 };
 
-// An integer attribute of the op (spec `attributes`). `allowed` empty means "any value >= 1".
+// An integer attribute of the op (spec `attributes`). `allowed` empty means "any value >= minimum".
 struct FieldSpec
 {
     char const* name;
     bool hasDefault;
     int32_t defaultValue;
     std::vector<int32_t> allowed;
+    int32_t minimum = 1;
 };
 
 // The op's attribute values, in FieldSpec order.
@@ -62,7 +64,7 @@ struct OpDescriptor
     char const* name; // plugin name == ONNX op_type
     std::vector<InputKind> inputs;
     std::vector<FieldSpec> fields;
-    char const* outputChannelsField; // y = x's dims with dim 1 replaced by this field
+    char const* outputChannelsField; // y = x's dims with dim 1 replaced by this field (spatial dims: see below)
     // Rules across fields (e.g. residual needs in_channels == out_channels): an error text, or empty.
     std::string (*validate)(FieldValues const& f);
     // Expected dims of every input (x included); checked in configurePlugin where TensorRT knows them.
@@ -72,6 +74,10 @@ struct OpDescriptor
     // Launch on `stream`; 0 on success (capture safe: no allocation, no synchronisation, no host reads).
     int32_t (*enqueue)(FieldValues const& f, nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs,
         void* const* outputs, void* workspace, size_t workspaceBytes, cudaStream_t stream);
+    // Optional: rewrites y's dims 2.. in place (y starts as x's dims with the output channels set); nullptr keeps
+    // x's spatial dims. Called only when x has the rank inputDims expects.
+    void (*outputSpatialDims)(FieldValues const& f, nvinfer1::IExprBuilder& exprBuilder, nvinfer1::DimsExprs& y)
+        = nullptr;
 };
 
 constexpr char const* kPluginNamespace = "bdm"; // plugins/common.yaml plugin_namespace

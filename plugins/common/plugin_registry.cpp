@@ -3,6 +3,7 @@
 // (polygraphy --plugins, ctypes.CDLL). The library never links libnvinfer: the registry is looked up with
 // dlopen(RTLD_NOLOAD), so loading it without TensorRT is harmless.
 #include "../binary_conv/binary_conv_plugin.h"
+#include "../multibasis_conv/multibasis_conv_plugin.h"
 #include "../timestep_affine/timestep_affine_plugin.h"
 #include "plugin_base.h"
 
@@ -46,7 +47,9 @@ std::vector<IPluginCreatorInterface*>& creators()
     static Creator binarySignConv(binarySignConv2dDescriptor());
     static Creator timestepBias(timestepBiasDescriptor());
     static Creator timestepRPReLU(timestepRPReLUDescriptor());
-    static std::vector<IPluginCreatorInterface*> all{&binaryConv, &binarySignConv, &timestepBias, &timestepRPReLU};
+    static Creator multibasisConv(multibasisConvDescriptor());
+    static std::vector<IPluginCreatorInterface*> all{
+        &binaryConv, &binarySignConv, &timestepBias, &timestepRPReLU, &multibasisConv};
     return all;
 }
 

@@ -265,15 +265,29 @@ void exercisePlugin(IPluginCreatorV3One& creator, IPluginV3& plugin, std::string
     std::vector<DataType> inTypes;
     for (auto const& t : tensors)
         inTypes.push_back(t.type);
-    for (DataType x : {DataType::kFLOAT, DataType::kHALF})
-    {
-        inTypes[0] = x;
-        DataType out = DataType::kINT8;
-        bool const ok = build->getOutputDataTypes(&out, 1, inTypes.data(), nbInputs) == 0 && out == x;
-        r.check(x == DataType::kFLOAT ? "output_type_follows_f32" : "output_type_follows_f16", ok);
-    }
-    inTypes[0] = DataType::kINT32;
     DataType out = DataType::kINT8;
+    bool const typed = build->getOutputDataTypes(&out, 1, inTypes.data(), nbInputs) == 0;
+    r.check("output_type_follows_x", typed && out == inTypes[0]);
+    // The x types the plugin takes, each with the other inputs as given: typed by getOutputDataTypes (output = x's
+    // type) and offered by supportsFormatCombination for x and the output alike.
+    std::string xTypes = "[";
+    for (auto const& [x, name] : {std::pair{DataType::kFLOAT, "f32"}, std::pair{DataType::kHALF, "f16"}})
+    {
+        std::vector<DataType> types = inTypes;
+        types[0] = x;
+        DataType xOut = DataType::kINT8;
+        std::vector<DynamicPluginTensorDesc> io = describe(tensors);
+        io.push_back(io[0]);
+        io[0].desc.type = io[nbInputs].desc.type = x;
+        if (build->getOutputDataTypes(&xOut, 1, types.data(), nbInputs) == 0 && xOut == x
+            && build->supportsFormatCombination(0, io.data(), nbInputs, 1)
+            && build->supportsFormatCombination(nbInputs, io.data(), nbInputs, 1))
+        {
+            xTypes += std::string(xTypes.size() > 1 ? ", " : "") + jsonString(name);
+        }
+    }
+    r.extra.push_back("\"x_types\": " + xTypes + "]");
+    inTypes[0] = DataType::kINT32;
     r.check("output_type_rejects_int32_x", build->getOutputDataTypes(&out, 1, inTypes.data(), nbInputs) != 0);
 
     ConstExprBuilder exprs;

@@ -16,8 +16,10 @@ from bdm.plugins import spec
 from plugin_test_support import BUILD_DIR, require_toolchain, tensorrt_header_dirs
 
 HEADER_DIRS = tensorrt_header_dirs()
-# Sizes chosen to hit the awkward cases: channels not a multiple of 32, odd H and W, batch 2.
-SIZES = {"N": 2, "H": 9, "W": 7, "in_channels": 40, "out_channels": 40, "channels": 40, "kernel_size": 3}
+# Sizes chosen to hit the awkward cases: channels not a multiple of 32, odd H, W and L, batch 2.
+SIZES = {"N": 2, "H": 9, "W": 7, "L": 11, "in_channels": 40, "out_channels": 40, "channels": 40, "kernel_size": 3,
+         "num_bases": 2, "spatial_dims": 2}
+SPATIAL_AXES = {2: ["H", "W"], 1: ["L"], 0: []}  # MultiBasisConv's x axes after [N, C] per spatial_dims
 TYPES = {"float32": "f32", "float16": "f16", "int32": "i32"}
 
 pytestmark = pytest.mark.skipif(not HEADER_DIRS, reason="no TensorRT headers: set TENSORRT_INCLUDE_DIR (or "
@@ -40,12 +42,32 @@ def adapter_build(request):
 
 
 def symbolic(dim, fields):
-    """A spec shape entry (int, a name, or 'ceil(in_channels/32)') at the test sizes."""
+    """A spec shape entry at the test sizes, as a list of dims: an int, a name, 'ceil(in_channels/32)', or a
+    '*'-group of axes (x's spatial axes, the kernel taps, the output's spatial axes)."""
     if isinstance(dim, int):
-        return dim
+        return [dim]
     if dim.startswith("ceil(in_channels/32)"):
-        return math.ceil(fields["in_channels"] / 32)
-    return fields[dim]
+        return [math.ceil(fields["in_channels"] / 32)]
+    spatial = [fields[axis] for axis in SPATIAL_AXES.get(fields.get("spatial_dims"), [])]
+    if dim == "*spatial":
+        return spatial
+    if dim == "*taps":
+        return [fields["kernel_size"]] * len(spatial)
+    if dim == "*out_spatial":
+        return [(n + 2 * fields["padding"] - fields["kernel_size"]) // fields["stride"] + 1 for n in spatial]
+    return [fields[dim]]
+
+
+def spec_shape(shape, fields):
+    return [d for dim in shape for d in symbolic(dim, fields)]
+
+
+def full_fields(op_name, fields):
+    return {**SIZES, **spec.attribute_defaults(op_name), **fields}
+
+
+def x_dtypes(op_name):
+    return spec.op(op_name)["inputs"][0]["dtype"]
 
 
 def required_fields(op_name):
@@ -54,11 +76,11 @@ def required_fields(op_name):
 
 
 def harness_args(op_name, fields, x_dtype):
-    full = {**SIZES, **spec.attribute_defaults(op_name), **fields}
+    full = full_fields(op_name, fields)
     tensors = []
     for tensor in spec.op(op_name)["inputs"]:
         dtype = x_dtype if tensor["name"] == "x" else tensor["dtype"][0]
-        dims = [symbolic(d, full) for d in tensor["shape"]]
+        dims = spec_shape(tensor["shape"], full)
         tensors.append(f"{TYPES[dtype]}:{','.join(str(d) for d in dims)}")
     return [f"{k}={v}" for k, v in fields.items()] + ["--"] + tensors
 
@@ -85,13 +107,14 @@ def test_build_names_the_header_version_and_needs_no_tensorrt_library(adapter_bu
     assert {line.split()[-1] for line in exported.splitlines() if " T " in line} == {"getCreators", "setLoggerFinder"}
 
 
-@pytest.mark.parametrize("op_name", sorted(spec.plugin_ops()))
-@pytest.mark.parametrize("x_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("op_name, x_dtype", [(op, d) for op in sorted(spec.plugin_ops()) for d in x_dtypes(op)])
 def test_harness_exercises_each_creator(adapter_build, op_name, x_dtype):
     build, _ = adapter_build
     report, rc = run_harness(build, op_name, required_fields(op_name), x_dtype)
     assert report["found"] and report["created"], report["log"]
     assert rc == 0 and all(report["checks"].values()), report["checks"]
+    # the plugin types x (and the output, which follows it) exactly as the spec lists
+    assert report["x_types"] == [TYPES[d] for d in x_dtypes(op_name)]
     # every op of the specs has a creator, with the spec's attribute names in order, namespace and version
     creators = {c["name"]: c for c in report["creators"]}
     assert set(creators) == set(spec.plugin_ops())
@@ -101,8 +124,41 @@ def test_harness_exercises_each_creator(adapter_build, op_name, x_dtype):
         spec.common()["plugin_namespace"], spec.common()["plugin_version"], "PLUGIN CREATOR_V3ONE")
     # defaults of the spec fill what the node leaves out, and survive serialization
     assert report["serialized_fields"] == dict(spec.attribute_defaults(op_name), **required_fields(op_name))
-    out_channels = report["serialized_fields"].get("out_channels", report["serialized_fields"].get("channels"))
-    assert report["output_shape"] == [SIZES["N"], out_channels, SIZES["H"], SIZES["W"]]
+    output = spec.op(op_name)["outputs"][0]
+    assert report["output_shape"] == spec_shape(output["shape"], full_fields(op_name, report["serialized_fields"]))
+
+
+def test_multibasis_conv_refuses_float16_x(adapter_build):
+    """The spec gives MultiBasisConv float32 x only (its quantizer divides in float32): a float16 x is neither typed
+    nor offered as a format, and the log says why."""
+    build, _ = adapter_build
+    report, rc = run_harness(build, "MultiBasisConv", required_fields("MultiBasisConv"), "float16")
+    assert report["created"] and rc == 1
+    assert not report["checks"]["output_type_follows_x"] and not report["checks"]["formats_accept_given_types"]
+    assert "bdm::MultiBasisConv v1: x must be float32" in " ".join(report["log"])
+
+
+# (attributes, output spatial dims, activation bit-planes) at x spatial H x W = 9 x 7 (conv2d) or L = 11 (conv1d).
+@pytest.mark.parametrize("fields, out_spatial, planes", [
+    (dict(spatial_dims=2, kernel_size=3, padding=1), [9, 7], 4),
+    (dict(spatial_dims=2, kernel_size=3, stride=2, padding=1, act_bits=8, num_bases=1), [5, 4], 8),
+    (dict(spatial_dims=2, kernel_size=3, stride=2, padding=0), [4, 3], 4),
+    (dict(spatial_dims=2, kernel_size=2, stride=2), [4, 3], 4),  # odd spans 7 and 5: the division floors
+    (dict(spatial_dims=2, kernel_size=1, padding=2, act_bits=0), [13, 11], 0),
+    (dict(spatial_dims=1, kernel_size=3, padding=1), [11], 4),
+    (dict(spatial_dims=1, kernel_size=3, act_bits=8), [9], 8),
+    (dict(spatial_dims=0), [], 4),
+    (dict(spatial_dims=0, act_bits=0), [], 0),
+])
+def test_multibasis_conv_output_shape_and_workspace(adapter_build, fields, out_spatial, planes):
+    build, _ = adapter_build
+    fields = {"in_channels": 40, "out_channels": 24, "num_bases": 2, **fields}
+    report, rc = run_harness(build, "MultiBasisConv", fields)
+    assert rc == 0 and all(report["checks"].values()), (report["checks"], report["log"])
+    assert report["output_shape"] == [SIZES["N"], 24] + out_spatial
+    # act_bits uint32 bit-planes of the codes: one word per 32 input channels per input pixel
+    pixels = math.prod(SIZES[axis] for axis in SPATIAL_AXES[fields["spatial_dims"]])
+    assert report["workspace_bytes"] == SIZES["N"] * pixels * math.ceil(40 / 32) * planes * 4
 
 
 def test_workspace_holds_both_sign_bit_planes(adapter_build):
@@ -114,19 +170,28 @@ def test_workspace_holds_both_sign_bit_planes(adapter_build):
     assert report["workspace_bytes"] == 0
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"kernel_size": 5}, "field 'kernel_size' = 5 is not one of 1 3"),
-    ({"pad_value": 2}, "field 'pad_value' = 2 is not one of -1 0 1"),
-    ({"residual": 1, "out_channels": 48}, "residual = 1 needs in_channels == out_channels"),
-    ({"in_channels": None}, "required field 'in_channels' is missing"),
-    ({"groups": 2}, "unknown field 'groups'"),
-    ({"num_groups": 0}, "field 'num_groups' = 0 is not a positive int32"),
+@pytest.mark.parametrize("op_name, change, message", [
+    ("BinaryConv2d", {"kernel_size": 5}, "field 'kernel_size' = 5 is not one of 1 3"),
+    ("BinaryConv2d", {"pad_value": 2}, "field 'pad_value' = 2 is not one of -1 0 1"),
+    ("BinaryConv2d", {"residual": 1, "out_channels": 48}, "residual = 1 needs in_channels == out_channels"),
+    ("BinaryConv2d", {"in_channels": None}, "required field 'in_channels' is missing"),
+    ("BinaryConv2d", {"groups": 2}, "unknown field 'groups'"),
+    ("BinaryConv2d", {"num_groups": 0}, "field 'num_groups' = 0 is not a positive int32"),
+    ("MultiBasisConv", {"stride": 2, "spatial_dims": 1}, "stride = 2 needs spatial_dims = 2"),
+    ("MultiBasisConv", {"act_bits": 3}, "field 'act_bits' = 3 is not one of 0 4 8"),
+    ("MultiBasisConv", {"spatial_dims": 0, "kernel_size": 3},
+     "spatial_dims = 0 (linear) needs kernel_size = 1 and padding = 0"),
+    ("MultiBasisConv", {"spatial_dims": 0, "padding": 1},
+     "spatial_dims = 0 (linear) needs kernel_size = 1 and padding = 0"),
+    ("MultiBasisConv", {"padding": -1}, "field 'padding' = -1 is not an int32 >= 0"),
+    ("MultiBasisConv", {"num_bases": 3}, "field 'num_bases' = 3 is not one of 1 2"),
+    ("MultiBasisConv", {"spatial_dims": None}, "required field 'spatial_dims' is missing"),
 ])
-def test_creator_refuses_attributes_outside_the_spec(adapter_build, change, message):
+def test_creator_refuses_attributes_outside_the_spec(adapter_build, op_name, change, message):
     build, _ = adapter_build
-    fields = dict(required_fields("BinaryConv2d"), **change)
+    fields = dict(required_fields(op_name), **change)
     fields = {k: v for k, v in fields.items() if v is not None}
-    report, _ = run_harness(build, "BinaryConv2d", fields)
+    report, _ = run_harness(build, op_name, fields)
     assert report["found"] and not report["created"]
     assert any(message in line for line in report["log"]), report["log"]
 
