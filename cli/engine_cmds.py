@@ -14,12 +14,17 @@ from bdm.errors import BdmError
 
 
 def build_engine(
-    model: Path = typer.Argument(..., help="ONNX file written by `bdm export`."),
+    model: Path = typer.Argument(..., help="ONNX file written by `bdm export` (BI-DiffSR: inputs x_t, cond, t; "
+                                           "unconditional BinaryDM: x_t, t)."),
     engine: Path = typer.Argument(..., help="Engine file to write (atomically), with a .json sidecar."),
     plugins: Optional[Path] = typer.Option(None, help="libbdm_trt_plugins.so; default: the one built in plugins/."),
-    min_shape: str = typer.Option("1x64x64", help="Smallest input, NxHxW."),
-    opt_shape: str = typer.Option("1x256x256", help="Input shape TensorRT optimises for, NxHxW."),
-    max_shape: str = typer.Option("1x512x512", help="Largest input, NxHxW."),
+    min_shape: Optional[str] = typer.Option(None, help="Smallest input, NxHxW (default: 1x64x64; an unconditional "
+                                                       "model: 1xSxS, S the image size it samples)."),
+    opt_shape: Optional[str] = typer.Option(None, help="Input shape TensorRT optimises for, NxHxW (default: "
+                                                       "1x256x256; an unconditional model: 16xSxS, what `bdm "
+                                                       "generate` feeds by default)."),
+    max_shape: Optional[str] = typer.Option(None, help="Largest input, NxHxW (default: 1x512x512; an unconditional "
+                                                       "model: 16xSxS)."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache to load and save "
                                                            "(default: one per GPU model and TensorRT version)."),
     workspace: int = typer.Option(4096, help="Builder workspace limit in MB."),
@@ -28,14 +33,7 @@ def build_engine(
     """Build a TensorRT engine with the bdm plugins (needs TensorRT and an NVIDIA GPU)."""
     from bdm.runtime import trt_backend
 
-    # Everything checkable without TensorRT is checked first, so bad arguments fail the same way everywhere.
-    if not model.is_file():
-        raise BdmError(f"{model}: no such ONNX file; export one with `bdm export`")
-    nhw = [trt_backend.parse_nhw(s, o) for s, o in ((min_shape, "--min-shape"), (opt_shape, "--opt-shape"),
-                                                     (max_shape, "--max-shape"))]
-    trt_backend.check_profile(*nhw)
-    if workspace < 1:
-        raise BdmError(f"--workspace {workspace}: give the builder workspace in MB (>= 1)")
+    # build_engine checks the model and the arguments before it needs TensorRT.
     trt_backend.build_engine(model, engine, plugins=plugins, min_shape=min_shape, opt_shape=opt_shape,
                              max_shape=max_shape, timing_cache=timing_cache, workspace_mb=workspace,
                              use_cache=not no_cache, log=lambda line: typer.echo(line, err=True))

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from bdm.errors import BdmError
+from bdm.runtime.backends import SAMPLING_METADATA
 
-SAMPLING_METADATA = "bdm.sampling"  # written by `bdm export` for this family: JSON of sampling_options
 MODE_METADATA = "bdm.act_mode"
 
 
@@ -64,12 +64,13 @@ def generate(
 ):
     """Sample images from an unconditional diffusion model with DDIM and write them as one grid."""
     from bdm.cli.upscale_cmds import _make_runner
-    from bdm.runtime.generate import GenerateSettings, check_request, generate as run_generate, require_unconditional
+    from bdm.runtime.backends import UNCONDITIONAL_INPUT_NAMES, require_inputs
+    from bdm.runtime.generate import GenerateSettings, check_request, generate as run_generate
 
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
     runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
-    require_unconditional(runner)
+    require_inputs(runner, UNCONDITIONAL_INPUT_NAMES)  # before asking it for sampling settings
     options = _sampling_options(config, runner)
     if options["space"] != "pixel":
         raise BdmError("this is a latent diffusion model (its first stage is an autoencoder whose decoder is not "

@@ -77,6 +77,7 @@ def upscale(
     overwrite: bool = typer.Option(False, help="Redo outputs that already exist (default: skip them)."),
 ):
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint."""
+    from bdm.runtime.backends import INPUT_NAMES, require_inputs
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
     plan_outputs(inputs, output, fmt)  # bad paths fail before a model is loaded
@@ -85,6 +86,7 @@ def upscale(
     options = _options_yaml(config)
     schedule = _schedule_options(options)
     runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
+    require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
     if scale is None:
         scale = options.get("scale") or getattr(runner, "metadata", {}).get("bdm.scale")
         if scale is None:

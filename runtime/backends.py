@@ -3,6 +3,9 @@
     runner.infer({"x_t": x, "cond": c, "t": t}) -> {"eps": eps}
 
 An unconditional model (BinaryDM, `bdm generate`) takes no cond: its feeds and `input_names` are ("x_t", "t").
+Every runner names its model's inputs in `input_names`, in INPUT_NAMES order (`model_input_names` checks an ONNX
+graph's or an engine's); the runners of exported models (ONNX Runtime, TensorRT) also carry in `metadata` what
+`bdm export` recorded in the ONNX file (an engine's sidecar keeps a copy).
 
 x_t, cond: float32 [N, 3, H, W] (H, W multiples of 8); t: int64 [N] (one timestep for the whole batch, or
 [1], broadcast); eps: float32 [N, 3, H, W]. Each runner also states what it accepts (`Limits`: batch, the
@@ -35,6 +38,7 @@ from bdm.errors import BdmError
 INPUT_NAMES = ("x_t", "cond", "t")
 UNCONDITIONAL_INPUT_NAMES = ("x_t", "t")
 OUTPUT_NAME = "eps"
+SAMPLING_METADATA = "bdm.sampling"  # written by `bdm export` for an unconditional model: JSON of its sampling options
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,32 @@ class Runner:
 
     def infer(self, feed: dict) -> dict:
         raise NotImplementedError
+
+
+def model_input_names(inputs, outputs, what: str, fix: str) -> Tuple[str, ...]:
+    """The bdm inputs of a model (ONNX graph or TensorRT engine) with these input and output names, in INPUT_NAMES
+    order: INPUT_NAMES (conditional, BI-DiffSR) or UNCONDITIONAL_INPUT_NAMES (BinaryDM). Any other set of inputs
+    cannot be fed by bdm: BdmError naming `what`, with `fix` as the remedy."""
+    names = tuple(n for n in INPUT_NAMES if n in inputs)
+    if set(inputs) != set(names) or names not in (INPUT_NAMES, UNCONDITIONAL_INPUT_NAMES) or OUTPUT_NAME not in outputs:
+        raise BdmError(f"{what} has inputs {list(inputs)} and outputs {list(outputs)}; a bdm model has inputs "
+                       f"{list(INPUT_NAMES)} (unconditional: {list(UNCONDITIONAL_INPUT_NAMES)}) and output "
+                       f"{OUTPUT_NAME!r} ({fix})")
+    return names
+
+
+# What each input layout is, and the command that runs it.
+_LAYOUTS = {INPUT_NAMES: ("a conditional (BI-DiffSR)", "bdm upscale"),
+            UNCONDITIONAL_INPUT_NAMES: ("an unconditional (BinaryDM)", "bdm generate")}
+
+
+def require_inputs(runner, expected: Tuple[str, ...]):
+    """Before any work: the runner's model has the `expected` layout, else one line naming the command for it."""
+    names = tuple(runner.input_names)
+    if names != expected:
+        kind, command = _LAYOUTS[names] if names in _LAYOUTS else ("a non-bdm", None)
+        raise BdmError(f"{runner.describe()} takes inputs {list(names)}: {kind} model; {_LAYOUTS[expected][1]} runs "
+                       f"models with inputs {list(expected)}" + (f": use `{command}` for this one" if command else ""))
 
 
 def _check_file(path: Path, what: str, option: str) -> Path:
@@ -141,13 +171,8 @@ class OrtRunner(Runner):
             raise BdmError(f"--onnx {path}: ONNX Runtime cannot load it ({reason}); "
                            "export it again with `bdm export`") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_names = tuple(n for n in INPUT_NAMES if n in inputs)
-        missing = [n for n in UNCONDITIONAL_INPUT_NAMES if n not in inputs]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if missing or OUTPUT_NAME not in outputs:
-            raise BdmError(f"--onnx {path} has inputs {list(inputs)} and outputs {outputs}; a bdm model has "
-                           f"inputs {list(INPUT_NAMES)} (unconditional: {list(UNCONDITIONAL_INPUT_NAMES)}) and output "
-                           f"{OUTPUT_NAME!r} (export it with `bdm export`)")
+        self.input_names = model_input_names(list(inputs), [o.name for o in self.session.get_outputs()],
+                                             f"--onnx {path}", "export it with `bdm export`")
         self.input_types = {n: _ORT_TYPES.get(inputs[n].type, np.float32) for n in self.input_names}
         batch = inputs["x_t"].shape[0]
         self.limits = Limits(dtype=np.dtype(self.input_types["x_t"]).name,

@@ -22,7 +22,7 @@ import numpy as np
 
 from bdm.errors import BdmError
 from bdm.runtime import image_io
-from bdm.runtime.backends import OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES
+from bdm.runtime.backends import OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES, require_inputs
 from bdm.runtime.noise import draw_noise, load_noise
 from bdm.runtime.sampler import LDM_DEFAULT_STEPS, is_finite, ldm_ddim_schedule, sample
 from bdm.runtime.upscale import NonFiniteError, Progress
@@ -61,16 +61,9 @@ def image_grid(images: np.ndarray, padding: int = GRID_PADDING) -> np.ndarray:
     return grid
 
 
-def require_unconditional(runner):
-    if tuple(runner.input_names) != UNCONDITIONAL_INPUT_NAMES:
-        raise BdmError(f"{runner.describe()} takes inputs {list(runner.input_names)}: a conditional (BI-DiffSR) "
-                       f"model; bdm generate samples unconditional models (inputs {list(UNCONDITIONAL_INPUT_NAMES)}): "
-                       f"use `bdm upscale` for this one")
-
-
 def check_request(runner, output, settings: GenerateSettings) -> Path:
     """Fail before any sampling: a conditional model, a bad output path or a shape the model cannot take."""
-    require_unconditional(runner)
+    require_inputs(runner, UNCONDITIONAL_INPUT_NAMES)
     output = Path(output)
     if not output.parent.is_dir():
         raise BdmError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
@@ -84,6 +77,13 @@ def check_request(runner, output, settings: GenerateSettings) -> Path:
     if settings.image_size < 1 or settings.image_size % multiple:
         raise BdmError(f"--size {settings.image_size} is not a positive multiple of {multiple} (the UNet halves the "
                        f"image {int(math.log2(multiple))} times)")
+    side, (min_h, min_w), max_hw = settings.image_size, runner.limits.min_hw, runner.limits.max_hw
+    if side < max(min_h, min_w) or (max_hw is not None and side > min(max_hw)):
+        accepted = f"{min_h}x{min_w} to {max_hw[0]}x{max_hw[1]}" if max_hw else f"{min_h}x{min_w} or more"
+        raise BdmError(f"--size {side} (default: the model's image size): {runner.describe()} takes images of "
+                       f"{accepted}; give a --size in that range"
+                       + (f", or rebuild the engine with a profile that contains {side}x{side} (`bdm build-engine`)"
+                          if max_hw else ""))
     return output
 
 

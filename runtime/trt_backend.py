@@ -1,5 +1,7 @@
 """TensorRT backend: build an engine from an exported ONNX file (`bdm build-engine`), check that an engine
-fits this machine (its JSON sidecar), and run it (`TrtRunner`, the backends.Runner interface).
+fits this machine (its JSON sidecar), and run it (`TrtRunner`, the backends.Runner interface). Both input layouts
+of backends.py are served: a conditional model (BI-DiffSR: x_t, cond, t; any image size, tiled) and an
+unconditional one (BinaryDM: x_t, t; the profile defaults to the image size its export records).
 
 The engine and its plugin library are tied to one GPU model and one TensorRT version. Each engine therefore
 carries a sidecar `<engine>.json` (ONNX hash, TensorRT version, GPU name and compute capability, profile shapes,
@@ -25,7 +27,8 @@ import numpy as np
 
 from bdm.errors import BdmError
 from bdm.runtime.atomic import atomic_path
-from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, Limits, Runner
+from bdm.runtime.backends import OUTPUT_NAME, SAMPLING_METADATA, Limits, Runner, model_input_names
+from bdm.runtime.generate import GenerateSettings
 
 SIDECAR_FORMAT = 1
 INSTALL_TENSORRT = ("TensorRT is not installed: on a machine with an NVIDIA GPU and driver, "
@@ -34,6 +37,10 @@ INSTALL_TENSORRT = ("TensorRT is not installed: on a machine with an NVIDIA GPU 
 SIDECAR_CHECKED = ("tensorrt_version", "gpu_name", "compute_capability", "plugin_sha256", "onnx_sha256")
 
 Shape = Tuple[int, ...]
+NHW = Tuple[int, int, int]
+PROFILE_OPTIONS = ("--min-shape", "--opt-shape", "--max-shape")
+# A conditional (BI-DiffSR) model upscales images of any size, in tiles that fit this range.
+CONDITIONAL_PROFILE = ("1x64x64", "1x256x256", "1x512x512")
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------------
@@ -55,6 +62,51 @@ def check_profile(min_nhw, opt_nhw, max_nhw):
         if not min_nhw[i] <= opt_nhw[i] <= max_nhw[i]:
             raise BdmError(f"profile {name}: need min <= opt <= max, got {min_nhw[i]}, {opt_nhw[i]}, {max_nhw[i]}; "
                            f"fix --min-shape / --opt-shape / --max-shape")
+
+
+def unconditional_profile(image_size: int) -> Tuple[str, str, str]:
+    """An unconditional model (BinaryDM) samples at its image size S: 1xSxS up to bdm generate's default call
+    (all of its default --num samples at once), which TensorRT optimises for."""
+    batch, side = GenerateSettings.num, image_size
+    return f"1x{side}x{side}", f"{batch}x{side}x{side}", f"{batch}x{side}x{side}"
+
+
+def resolve_profile(shapes: Sequence[Optional[str]], image_size: Optional[int] = None) -> Tuple[NHW, NHW, NHW]:
+    """min / opt / max (batch, H, W) from the --min/--opt/--max-shape texts (None: not given). The defaults are
+    CONDITIONAL_PROFILE, or unconditional_profile for a model that records the image size it samples at; that
+    size must lie inside the profile, or the engine could not run the model's own images."""
+    defaults = CONDITIONAL_PROFILE if image_size is None else unconditional_profile(image_size)
+    nhw = tuple(parse_nhw(text or default, option) for text, default, option in zip(shapes, defaults, PROFILE_OPTIONS))
+    check_profile(*nhw)
+    (_, min_h, min_w), _, (_, max_h, max_w) = nhw
+    if image_size is not None and not max(min_h, min_w) <= image_size <= min(max_h, max_w):
+        raise BdmError(f"the model samples {image_size}x{image_size} images (`bdm generate`), outside the profile "
+                       f"(H {min_h} to {max_h}, W {min_w} to {max_w}); give shapes that contain it, e.g. "
+                       f"{' '.join(f'{o} {d}' for o, d in zip(PROFILE_OPTIONS, defaults))} (the defaults for this "
+                       f"model)")
+    return nhw
+
+
+def recorded_image_size(metadata: Dict[str, str]) -> Optional[int]:
+    """The image size `bdm export` recorded for an unconditional model (what bdm generate samples), or None."""
+    sampling = metadata.get(SAMPLING_METADATA)
+    return int(json.loads(sampling)["image_size"]) if sampling else None
+
+
+def onnx_model_info(onnx_path) -> Tuple[Tuple[str, ...], Dict[str, str]]:
+    """(bdm input names, metadata) of an exported ONNX file, read without TensorRT."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError or onnx's own errors, depending on what the file holds
+        raise BdmError(f"{onnx_path} cannot be read as ONNX ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                       f"; export it with `bdm export`") from None
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    names = model_input_names(inputs, [o.name for o in model.graph.output], str(onnx_path),
+                              "export it with `bdm export`")
+    return names, {p.key: p.value for p in model.metadata_props}
 
 
 def input_shape_for(name: str, dims: Sequence[int], nhw: Tuple[int, int, int]) -> Shape:
@@ -272,19 +324,23 @@ def onnx_input_dims(trt, network) -> Dict[str, Tuple[int, ...]]:
     return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
 
 
-def build_engine(onnx_path, engine_path, plugins=None, min_shape="1x64x64", opt_shape="1x256x256",
-                 max_shape="1x512x512", timing_cache=None, workspace_mb=4096, use_cache=True, log=print) -> Path:
-    """`bdm build-engine`: ONNX (with bdm custom nodes) -> serialized engine + sidecar, both written atomically.
+def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape=None, max_shape=None,
+                 timing_cache=None, workspace_mb=4096, use_cache=True, log=print) -> Path:
+    """`bdm build-engine`: ONNX (with bdm custom nodes; inputs x_t, cond, t or, unconditional, x_t, t) ->
+    serialized engine + sidecar, both written atomically. Shapes not given: see resolve_profile.
 
     Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set).
     The timing cache is loaded and saved (default: one per GPU model and TensorRT version). An engine built
-    before for the same model, plugins, profile and dtype on this GPU model and TensorRT version is reused."""
+    before for the same model, plugins, profile and dtype on this GPU model and TensorRT version is reused.
+    The sidecar keeps the ONNX metadata, which the runner reads as ONNX Runtime's reads the model's."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    # Everything checkable without TensorRT comes first, so bad arguments fail the same way on every machine.
     if not onnx_path.is_file():
         raise BdmError(f"{onnx_path}: no such ONNX file; export one with `bdm export`")
-    min_nhw, opt_nhw, max_nhw = (parse_nhw(s, o) for s, o in ((min_shape, "--min-shape"), (opt_shape, "--opt-shape"),
-                                                              (max_shape, "--max-shape")))
-    check_profile(min_nhw, opt_nhw, max_nhw)
+    if workspace_mb < 1:
+        raise BdmError(f"--workspace {workspace_mb}: give the builder workspace in MB (>= 1)")
+    _, metadata = onnx_model_info(onnx_path)
+    min_nhw, opt_nhw, max_nhw = resolve_profile((min_shape, opt_shape, max_shape), recorded_image_size(metadata))
     trt = import_tensorrt()
     gpu = gpu_identity()
     plugin_library = resolve_plugins(plugins)
@@ -299,6 +355,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape="1x64x64", opt_
         "plugin_sha256": file_sha256(plugin_library),
         "profile": {"min": list(min_nhw), "opt": list(opt_nhw), "max": list(max_nhw)},
         "workspace_mb": int(workspace_mb),
+        "onnx_metadata": metadata,
     }
     machine_dir = machine_cache_dir(gpu["gpu_name"], trt.__version__)
     timing_cache = Path(timing_cache) if timing_cache else machine_dir / "timing.cache"
@@ -317,15 +374,14 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape="1x64x64", opt_
     dims = onnx_input_dims(trt, network)
     shapes = profile_shapes(dims, min_nhw, opt_nhw, max_nhw)
     sidecar["input_shapes"] = {name: {k: list(v) for k, v in s.items()} for name, s in shapes.items()}
-    x_name = INPUT_NAMES[0] if INPUT_NAMES[0] in dims else next(iter(dims))
-    sidecar["dtype"] = np.dtype(trt.nptype(network.get_input(list(dims).index(x_name)).dtype)).name
+    sidecar["dtype"] = np.dtype(trt.nptype(network.get_input(list(dims).index("x_t")).dtype)).name
 
     cached_engine = machine_dir / f"{engine_cache_key(sidecar)}.engine"
     if use_cache and cached_engine.is_file() and sidecar_path(cached_engine).is_file():
         recorded = read_sidecar(cached_engine)
         if sidecar_mismatch(recorded, sidecar) is None and recorded.get("input_shapes") == sidecar["input_shapes"]:
             _copy_atomic(cached_engine, engine_path)
-            write_sidecar(engine_path, dict(recorded, onnx_path=str(onnx_path)))
+            write_sidecar(engine_path, dict(recorded, onnx_path=str(onnx_path), onnx_metadata=metadata))
             log(f"unchanged model: reused the cached engine {cached_engine}")
             return engine_path
 
@@ -341,7 +397,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape="1x64x64", opt_
         config.progress_monitor = _progress_monitor(trt)
 
     log(f"building {engine_path} from {onnx_path} (TensorRT {trt.__version__}, {gpu['gpu_name']}, "
-        f"profile {min_shape} / {opt_shape} / {max_shape}, {sidecar['dtype']})")
+        f"profile {' / '.join('x'.join(map(str, nhw)) for nhw in (min_nhw, opt_nhw, max_nhw))}, {sidecar['dtype']})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         reason = builder_logger.errors[-1] if builder_logger.errors else "no reason given"
@@ -395,15 +451,15 @@ class TrtRunner(Runner):
                            f"`bdm build-engine`")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if set(self.inputs) != set(INPUT_NAMES) or OUTPUT_NAME not in self.outputs:
-            raise BdmError(f"engine {engine_path} has inputs {self.inputs} and outputs {self.outputs}; a bdm engine "
-                           f"has inputs {list(INPUT_NAMES)} and output {OUTPUT_NAME!r}")
+        self.input_names = model_input_names(
+            [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT], self.outputs,
+            f"engine {engine_path}", "build it from a `bdm export` model with `bdm build-engine`")
+        self.metadata = self.sidecar.get("onnx_metadata", {})
         self.dtypes = {n: torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
                        for n in names}
-        lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)
-        self.limits = Limits(dtype=str(self.dtypes[INPUT_NAMES[0]]).replace("torch.", ""), max_batch=int(hi[0]),
+        lo, _, hi = self.engine.get_tensor_profile_shape("x_t", 0)
+        self.limits = Limits(dtype=str(self.dtypes["x_t"]).replace("torch.", ""), max_batch=int(hi[0]),
                              min_hw=(int(lo[2]), int(lo[3])), max_hw=(int(hi[2]), int(hi[3])))
         self.stream = torch.cuda.Stream()
         self.cuda_graphs = cuda_graphs
@@ -421,23 +477,23 @@ class TrtRunner(Runner):
         return array.float().cpu().numpy() if hasattr(array, "cpu") else np.asarray(array)
 
     def _binding(self, shapes: Dict[str, Shape]):
-        key = tuple(shapes[n] for n in self.inputs)
+        key = tuple(shapes[n] for n in self.input_names)
         bound = self._bound.get(key)
         if bound is None:
             torch = self.torch
-            for name in self.inputs:
+            for name in self.input_names:
                 if not self.context.set_input_shape(name, shapes[name]):
                     raise BdmError(f"input {name} of shape {list(shapes[name])} is outside the engine's profile "
                                    f"(H, W from {self.limits.min_hw} to {self.limits.max_hw}, batch up to "
                                    f"{self.limits.max_batch}); rebuild with a larger --max-shape or use tiling")
-            buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.inputs}
+            buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.input_names}
             for name in self.outputs:
                 buffers[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
                                             device="cuda")
             bound = {"buffers": buffers, "calls": 0, "graph": None}
             self._bound[key] = bound
         # The context holds one set of shapes and addresses: bind this shape's on every call.
-        for name in self.inputs:
+        for name in self.input_names:
             self.context.set_input_shape(name, tuple(bound["buffers"][name].shape))
         for name, tensor in bound["buffers"].items():
             self.context.set_tensor_address(name, tensor.data_ptr())
@@ -445,18 +501,17 @@ class TrtRunner(Runner):
 
     def infer(self, feed: dict) -> dict:
         torch = self.torch
-        x = feed[INPUT_NAMES[0]]
-        batch = x.shape[0]
+        batch = feed["x_t"].shape[0]
         arrays = {}
-        for name in self.inputs:
+        for name in self.input_names:  # an unconditional engine reads no cond
             value = torch.as_tensor(feed[name])
             if name == "t" and value.shape[0] != batch:
                 value = value.expand(batch)
             arrays[name] = value
-        bound = self._binding({n: tuple(arrays[n].shape) for n in self.inputs})
+        bound = self._binding({n: tuple(arrays[n].shape) for n in self.input_names})
         self.stream.wait_stream(torch.cuda.current_stream())  # the inputs may still be in flight there
         with torch.cuda.stream(self.stream):
-            for name in self.inputs:
+            for name in self.input_names:
                 bound["buffers"][name].copy_(arrays[name], non_blocking=True)
             self._execute(bound)
             # a copy: the output buffer is overwritten by the next call (and by graph replays)

@@ -1,8 +1,10 @@
-"""`bdm build-engine` and `bdm doctor` on a machine without TensorRT: one clear line, non-zero exit."""
+"""`bdm build-engine` and `bdm doctor` on a machine without TensorRT: one clear line, non-zero exit; the model and
+profile checks made before TensorRT is needed, on the exported BinaryDM UNet golden."""
 
 import importlib.util
 import subprocess
 
+import onnx
 import pytest
 
 from bdm.runtime.trt_backend import INSTALL_TENSORRT
@@ -26,24 +28,41 @@ def test_doctor_reports_then_says_what_to_install():
 
 
 @no_tensorrt
-def test_build_engine_without_tensorrt(tmp_path):
-    model = tmp_path / "model.onnx"
-    model.write_bytes(b"not checked before TensorRT is")
-    out = run_bdm("build-engine", str(model), str(tmp_path / "model.engine"))
+def test_build_engine_without_tensorrt(binarydm_onnx, tmp_path):
+    """A real unconditional model with the default profile passes every check made before TensorRT is needed."""
+    out = run_bdm("build-engine", str(binarydm_onnx), str(tmp_path / "model.engine"))
     assert out.returncode == 2 and out.stderr == f"bdm: error: {INSTALL_TENSORRT}\n"
     assert not (tmp_path / "model.engine").exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--min-shape", "1x64"], "--min-shape '1x64' is not NxHxW"),
-    (["--max-shape", "1x128x128"], "profile height: need min <= opt <= max"),
+    (["--min-shape", "1x32x32", "--opt-shape", "1x64x64", "--max-shape", "1x48x48"],
+     "profile height: need min <= opt <= max, got 32, 64, 48"),
+    (["--max-shape", "4x32x32"], "profile batch: need min <= opt <= max, got 1, 16, 4"),  # default opt: 16 samples
     (["--workspace", "0"], "--workspace 0"),
+    # BI-DiffSR's tile range leaves out the 32x32 images this model samples
+    (["--min-shape", "1x64x64", "--opt-shape", "1x256x256", "--max-shape", "1x512x512"],
+     "the model samples 32x32 images (`bdm generate`), outside the profile (H 64 to 512, W 64 to 512); give shapes "
+     "that contain it, e.g. --min-shape 1x32x32 --opt-shape 16x32x32 --max-shape 16x32x32"),
 ])
-def test_build_engine_bad_arguments_are_one_line(tmp_path, args, message):
-    model = tmp_path / "model.onnx"
-    model.write_bytes(b"")
-    out = run_bdm("build-engine", str(model), str(tmp_path / "e.engine"), *args)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr
+def test_build_engine_bad_arguments_are_one_line(binarydm_onnx, tmp_path, args, message):
+    out = run_bdm("build-engine", str(binarydm_onnx), str(tmp_path / "e.engine"), *args)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_build_engine_refuses_what_is_not_a_bdm_model(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an ONNX file")
+    other = tmp_path / "other.onnx"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "other",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), other)
+    for model, message in ((garbage, f"{garbage} cannot be read as ONNX"),
+                           (other, f"{other} has inputs ['x'] and outputs ['y']; a bdm model has inputs")):
+        out = run_bdm("build-engine", str(model), str(tmp_path / "e.engine"))
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
 
 
 def test_build_engine_missing_model_is_one_line(tmp_path):

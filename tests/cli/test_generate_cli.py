@@ -1,6 +1,7 @@
 """`bdm generate`: the console script end to end on the BinaryDM UNet golden, and bad inputs as one line with a
 non-zero exit and no output file (run in-process through cli.main.main, which is what the console script calls)."""
 
+import importlib.util
 import subprocess
 
 import numpy as np
@@ -67,3 +68,13 @@ def test_bad_inputs_are_one_line_and_write_nothing(bdm_ref, bi_ref, tmp_path, ca
     line = run_main(capsys, *[a.format(**fill) for a in args], "--num", "1", out)
     assert line.startswith("bdm: error:") and text in line, line
     assert not out.exists() and not list(tmp_path.glob(".*.part"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_engine_without_tensorrt_is_one_line(tmp_path, capsys):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"")  # only its existence is checked: the missing TensorRT is reported before it is read
+    line = run_main(capsys, "--engine", engine, tmp_path / "o.png")
+    assert line == (f"bdm: error: --engine {engine} needs TensorRT, which is not installed here; install the "
+                    "'tensorrt' extra on an NVIDIA GPU machine, or use --onnx on this one")
+    assert not (tmp_path / "o.png").exists()

@@ -55,6 +55,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(bi_ref, lr_png, tmp_path, arg
     assert not (tmp_path / "o.png").exists() and not list(tmp_path.glob(".*.part"))
 
 
+@pytest.mark.filterwarnings("ignore:.*exact-zero latent weights")
+def test_unconditional_model_is_refused(bdm_ref, binarydm_onnx, lr_png, tmp_path):
+    """BinaryDM takes no cond: upscaling with it would sample an unrelated image, so every backend refuses it."""
+    ckpt = bdm_ref / "unet_cifar_like_w32.pt"
+    for model, backend in ((["--onnx", binarydm_onnx], f"model {binarydm_onnx}"),
+                           (["--ckpt", ckpt, "--config", bdm_ref / "unet_cifar_like_w32.json", "--device", "cpu"],
+                            f"PyTorch (cpu), checkpoint {ckpt}")):
+        line = _one_error_line(run_bdm("upscale", *model, lr_png, tmp_path / "o.png"))
+        assert backend in line and line.endswith(
+            "takes inputs ['x_t', 't']: an unconditional (BinaryDM) model; bdm upscale runs models with inputs "
+            "['x_t', 'cond', 't']: use `bdm generate` for this one"), line
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_non_image_input_fails_with_its_name(bi_ref, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("hello")

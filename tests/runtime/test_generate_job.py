@@ -9,7 +9,7 @@ from PIL import Image
 
 import bdm
 from bdm.errors import BdmError
-from bdm.runtime.backends import TorchRunner
+from bdm.runtime.backends import Limits, TorchRunner
 from bdm.runtime.generate import GRID_PADDING, GenerateSettings, generate, image_grid
 from bdm.runtime.noise import draw_noise, save_noise
 from bdm.runtime.sampler import ldm_ddim_schedule, sample
@@ -87,6 +87,24 @@ def test_bad_requests_fail_before_writing(runner, tmp_path, settings, text):
         generate(runner, tmp_path / "g.png", GenerateSettings(image_size=size, **settings),
                  stream=open(tmp_path / "log.txt", "w"))
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.part"))
+
+
+class ProfileLimited(CallLog):
+    """A real runner under the limits of a TensorRT engine built for 32x32 images, at most 2 per call."""
+
+    limits = Limits(max_batch=2, min_hw=(32, 32), max_hw=(32, 32))
+
+
+def test_engine_limits_chunk_the_calls_and_refuse_other_sizes(runner, tmp_path):
+    limited = ProfileLimited(runner)
+    generate(limited, tmp_path / "g.png", GenerateSettings(num=3, steps=2), stream=open(tmp_path / "log.txt", "w"))
+    assert limited.batches == [2, 1, 2, 1]
+    with pytest.raises(BdmError) as err:
+        generate(limited, tmp_path / "h.png", GenerateSettings(num=1, steps=2, image_size=64))
+    assert str(err.value).startswith("--size 64 (default: the model's image size): PyTorch (cpu), checkpoint "
+                                     "in-memory model takes images of 32x32 to 32x32; give a --size in that range, "
+                                     "or rebuild the engine with a profile that contains 64x64")
+    assert not (tmp_path / "h.png").exists() and not list(tmp_path.glob(".*.part"))
 
 
 def test_conditional_model_is_refused(bi_ref, tmp_path):

@@ -1,5 +1,6 @@
-"""The parts of the TensorRT backend that need no TensorRT: profile shapes, the engine sidecar check, the
-engine cache key, the plugin-library/TensorRT major check."""
+"""The parts of the TensorRT backend that need no TensorRT: the input names an engine may have, profile shapes
+(conditional and unconditional models), the engine sidecar check, the engine cache key, the plugin-library/TensorRT
+major check."""
 
 import json
 
@@ -7,8 +8,10 @@ import pytest
 
 from bdm.errors import BdmError
 from bdm.runtime import trt_backend as tb
+from bdm.runtime.backends import INPUT_NAMES, UNCONDITIONAL_INPUT_NAMES, model_input_names
 
 ONNX_DIMS = {"x_t": (-1, 3, -1, -1), "cond": (-1, 3, -1, -1), "t": (-1,)}
+UNCONDITIONAL_DIMS = {"x_t": (-1, 3, -1, -1), "t": (-1,)}  # BinaryDM's export: N, H, W dynamic
 
 
 def sidecar(**changes):
@@ -39,6 +42,48 @@ def test_profile_shapes_follow_the_onnx_inputs():
         tb.profile_shapes({"x_t": (-1, -1, -1, -1)}, (1, 64, 64), (1, 64, 64), (1, 64, 64))
     with pytest.raises(BdmError, match="need min <= opt <= max"):
         tb.profile_shapes(ONNX_DIMS, (1, 64, 64), (1, 32, 64), (1, 64, 64))
+
+
+@pytest.mark.parametrize("inputs, names", [
+    (["t", "cond", "x_t"], INPUT_NAMES),                 # engine order does not matter: INPUT_NAMES order
+    (["x_t", "cond", "t"], INPUT_NAMES),
+    (["t", "x_t"], UNCONDITIONAL_INPUT_NAMES),
+])
+def test_model_input_names_in_input_names_order(inputs, names):
+    assert model_input_names(inputs, ["eps"], "engine e.engine", "rebuild it") == names
+
+
+@pytest.mark.parametrize("inputs, outputs", [
+    (["x_t", "cond"], ["eps"]),                          # no t
+    (["x_t", "cond", "t", "extra"], ["eps"]),            # an input bdm cannot feed
+    (["x_t"], ["eps"]),
+    (["x_t", "t"], ["y"]),                               # no eps
+])
+def test_model_input_names_refuses_other_layouts(inputs, outputs):
+    with pytest.raises(BdmError) as err:
+        model_input_names(inputs, outputs, "engine e.engine", "rebuild it")
+    assert str(err.value) == (f"engine e.engine has inputs {inputs} and outputs {outputs}; a bdm model has inputs "
+                              "['x_t', 'cond', 't'] (unconditional: ['x_t', 't']) and output 'eps' (rebuild it)")
+
+
+def test_unconditional_profile_shapes():
+    shapes = tb.profile_shapes(UNCONDITIONAL_DIMS, *tb.resolve_profile((None, None, None), image_size=32))
+    assert shapes == {"x_t": {"min": (1, 3, 32, 32), "opt": (16, 3, 32, 32), "max": (16, 3, 32, 32)},
+                      "t": {"min": (1,), "opt": (16,), "max": (16,)}}
+
+
+def test_resolve_profile_defaults_and_the_image_size():
+    assert tb.resolve_profile((None, None, None)) == ((1, 64, 64), (1, 256, 256), (1, 512, 512))
+    assert tb.resolve_profile((None, None, "4x512x1024")) == ((1, 64, 64), (1, 256, 256), (4, 512, 1024))
+    # a model that samples one size: the defaults are that size; a range around it is accepted
+    assert tb.resolve_profile((None, None, None), 256) == ((1, 256, 256), (16, 256, 256), (16, 256, 256))
+    assert tb.resolve_profile(("1x16x16", "4x32x32", "8x64x64"), 32) == ((1, 16, 16), (4, 32, 32), (8, 64, 64))
+    with pytest.raises(BdmError, match=r"samples 32x32 images .*outside the profile \(H 40 to 64, W 16 to 64\)"):
+        tb.resolve_profile(("1x40x16", "1x48x32", "1x64x64"), 32)
+    with pytest.raises(BdmError, match=r"--opt-shape '2x32' is not NxHxW"):
+        tb.resolve_profile((None, "2x32", None), 32)
+    assert tb.recorded_image_size({"bdm.sampling": '{"channels": 3, "image_size": 32, "space": "pixel"}'}) == 32
+    assert tb.recorded_image_size({"bdm.family": "bi_diffsr"}) is None
 
 
 def test_sidecar_round_trip_and_match(tmp_path):
