@@ -141,7 +141,7 @@ def test_quantizer_subgraph_is_bit_exact(bits):
         assert set(np.unique(x_q / activation_step(step, x.size, qp)).round().astype(int)) >= {qn, qp}
 
 
-def test_spec_declares_no_plugin_yet_and_checks_attributes():
+def test_spec_declares_the_plugin_and_checks_attributes():
     assert OP in spec.plugin_ops()
     assert set(spec.plugin_ops()) == {"BinaryConv2d", "BinarySignConv2d", "TimestepBias", "TimestepRPReLU", OP}
     packed = pack_bases(np.ones((1, 4, 8, 3), np.int8))
