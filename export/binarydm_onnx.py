@@ -40,10 +40,9 @@ from bdm.export.binarydm import BinaryDMUNet, binarized_layers, sampling_options
 from bdm.export.binarydm_layers import (MODES, ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range,
                                         dynamic_step, effective_step, set_mode)
 from bdm.export.multibasis_functions import act_quantize
-from bdm.export.onnx_export import (DEFAULT_OPSET, METADATA_PREFIX, ExportSummary, _bdm_version,
-                                    _check_no_latent_weights, check_options, check_output_path, swapped_modules)
+from bdm.export.onnx_export import (DEFAULT_OPSET, ExportSummary, check_no_binarized_weights, check_options,
+                                    check_output_path, finish_model, swapped_modules, write_validated)
 from bdm.plugins.multibasis_reference import multibasis_conv
-from bdm.runtime.atomic import atomic_path
 from bdm.runtime.trt_backend import file_sha256
 
 OP_TYPE = "MultiBasisConv"
@@ -224,29 +223,36 @@ def _trace(model: nn.Module, opset: int, example_inputs, input_names, output_nam
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _finish(onnx_model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
-    """Functions, metadata, producer and the full checker: the post-processing of every bdm export."""
-    functions.attach_functions(onnx_model)
-    onnx.helper.set_model_props(onnx_model, {METADATA_PREFIX + k: str(v) for k, v in metadata.items()})
-    onnx_model.producer_name, onnx_model.producer_version = "bdm", _bdm_version()
-    try:
-        onnx.checker.check_model(onnx_model, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise BdmError(f"internal check failed: the exported model does not pass the ONNX checker "
-                       f"({str(e).splitlines()[0]})") from None
-    return onnx_model
-
-
 def _check_arguments(mode: str, opset: int):
     if mode not in MODES:
         raise BdmError(f"--act-mode {mode} is not a BinaryDM mode; choose one of {list(MODES)}")
     check_options("fp32", opset)
 
 
-def _latent_counts(model: nn.Module):
-    """(binarized latent weights, every other parameter) of the network."""
-    binarized = sum(layer.weight.numel() for _, layer in binarized_layers(model) if layer.binarized)
-    return binarized, sum(p.numel() for p in model.parameters()) - binarized
+def _binarized_weights(model: nn.Module):
+    """check_no_binarized_weights' layers of a BinaryDM network: each binarized layer's W, with its sign bases and
+    W_hat."""
+    for path, layer in binarized_layers(model):
+        if layer.binarized:
+            yield path, layer.weight, lambda layer=layer: [*layer.sign_planes(), layer.binarized_weight()]
+
+
+def _traced_in_mode(root: nn.Module, mode: str, opset: int, examples, input_names, output_name,
+                    dynamic_axes) -> onnx.ModelProto:
+    """`root` traced in `mode`, its binarized layers (and attention quantizers) swapped for the export's modules and
+    its own modes restored afterwards; unless mode is fp (latent weights by design), checked to hold no binarized
+    weight."""
+    previous_modes = {m: m.mode for m in root.modules() if hasattr(m, "mode")}
+    set_mode(root, mode)
+    try:
+        with swapped_modules(root, _swap(mode) if mode != "fp" else lambda path, module: None):
+            onnx_model = _trace(root, opset, examples, input_names, output_name, dynamic_axes)
+    finally:
+        for module, previous in previous_modes.items():
+            module.mode = previous
+    if mode != "fp":
+        check_no_binarized_weights(onnx_model, _binarized_weights(root), "binarized layer")
+    return onnx_model
 
 
 def to_onnx(model: BinaryDMUNet, mode: str = "static", opset: int = DEFAULT_OPSET,
@@ -257,26 +263,17 @@ def to_onnx(model: BinaryDMUNet, mode: str = "static", opset: int = DEFAULT_OPSE
         raise BdmError(f"the BinaryDM exporter handles BinaryDM UNets; got a {type(model).__name__}")
     _check_arguments(mode, opset)
     resolve_zero_signs(model, None, "the network")  # refuse what was not resolved
-    previous_modes = {m: m.mode for m in model.modules() if hasattr(m, "mode")}
-    set_mode(model, mode)
-    try:
-        size = 2 * model.size_multiple
-        x_t = torch.randn(_TRACE_BATCH, model.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-        t = torch.tensor([999, 10][:_TRACE_BATCH], dtype=torch.int64)
-        spatial = {0: "N", 2: "H", 3: "W"}
-        axes = {"x_t": spatial, "t": {0: "N"}, OUTPUT_NAME: spatial}
-        with swapped_modules(model, _swap(mode) if mode != "fp" else lambda path, module: None):
-            onnx_model = _trace(model, opset, (x_t, t), INPUT_NAMES, OUTPUT_NAME, axes)
-    finally:
-        for module, previous in previous_modes.items():
-            module.mode = previous
-    binarized, other = _latent_counts(model)
-    if mode != "fp":
-        _check_no_latent_weights(onnx_model, other)
+    size = 2 * model.size_multiple
+    x_t = torch.randn(_TRACE_BATCH, model.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 10][:_TRACE_BATCH], dtype=torch.int64)
+    spatial = {0: "N", 2: "H", 3: "W"}
+    axes = {"x_t": spatial, "t": {0: "N"}, OUTPUT_NAME: spatial}
+    onnx_model = _traced_in_mode(model, mode, opset, (x_t, t), INPUT_NAMES, OUTPUT_NAME, axes)
+    binarized = [layer for _, layer in binarized_layers(model) if layer.binarized]
     meta = {"format": "1", "family": "binarydm", "dtype": "fp32", "act_mode": mode,
-            "binarized_layers": str(sum(layer.binarized for _, layer in binarized_layers(model))),
-            "binarized_params": str(binarized), **(metadata or {})}
-    return _finish(onnx_model, meta)
+            "binarized_layers": str(len(binarized)),
+            "binarized_params": str(sum(layer.weight.numel() for layer in binarized)), **(metadata or {})}
+    return finish_model(onnx_model, meta)
 
 
 class _Root(nn.Module):
@@ -296,19 +293,11 @@ def layer_to_onnx(module: nn.Module, mode: str, examples, input_names=("x",),
     `input_names` (e.g. x, emb) -> `y`, batch and spatial axes dynamic; for checking against per-layer goldens."""
     _check_arguments(mode, opset)
     resolve_zero_signs(module, None, "the layer")
-    root = _Root(module)
-    previous_modes = {m: m.mode for m in root.modules() if hasattr(m, "mode")}
-    set_mode(root, mode)
     axes = {name: {d: f"{name}_{d}" for d in [0, *range(2, example.dim())]}
             for name, example in zip(input_names, examples)}
     axes["y"] = {d: f"y_{d}" for d in [0, *range(2, examples[0].dim())]}
-    try:
-        with swapped_modules(root, _swap(mode) if mode != "fp" else lambda path, child: None):
-            onnx_model = _trace(root, opset, tuple(examples), input_names, "y", axes)
-    finally:
-        for m, previous in previous_modes.items():
-            m.mode = previous
-    return _finish(onnx_model, {"format": "1", "family": "binarydm", "act_mode": mode})
+    onnx_model = _traced_in_mode(_Root(module), mode, opset, tuple(examples), input_names, "y", axes)
+    return finish_model(onnx_model, {"format": "1", "family": "binarydm", "act_mode": mode})
 
 
 def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: int = DEFAULT_OPSET,
@@ -333,19 +322,13 @@ def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: in
                 "zero_weight_sign": {None: "none", 1: "+1", -1: "-1"}[zero_weight_sign],
                 "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt)}
     onnx_model = to_onnx(model, mode, opset, metadata)
-    report = None
-    with atomic_path(output) as tmp:
-        try:
-            tmp.write_bytes(onnx_model.SerializeToString())
-        except OSError as e:
-            raise BdmError(f"cannot write {output}: {e.strerror}; choose another output path") from None
-        if validate:
-            from bdm.export.binarydm_validate import TIMESTEPS, compare
 
-            log(f"validating: ONNX Runtime vs PyTorch in {mode} mode at t = {list(TIMESTEPS)}, every binarized layer "
-                f"also teacher-forced")
-            report = compare(tmp, model, mode, log=log)
-            if not report.passed:
-                raise BdmError(f"validation failed: ONNX Runtime differs from PyTorch beyond {report.tolerance:.0e} "
-                               f"(lines above); no file written; `--no-validate` writes it anyway for debugging")
+    def compare(path):
+        from bdm.export.binarydm_validate import TIMESTEPS, compare as compare_outputs
+
+        log(f"validating: ONNX Runtime vs PyTorch in {mode} mode at t = {list(TIMESTEPS)}, every binarized layer "
+            f"also teacher-forced")
+        return compare_outputs(path, model, mode, log=log)
+
+    report = write_validated(onnx_model, output, compare if validate else None)
     return ExportSummary(output, time.perf_counter() - start, report)

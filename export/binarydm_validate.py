@@ -27,6 +27,7 @@ from bdm.export import functions
 from bdm.export.binarydm import binarized_layers
 from bdm.export.binarydm_layers import ActQuantizer, act_range, set_mode
 from bdm.export.binarydm_onnx import INPUT_NAMES, OP_TYPE, OUTPUT_NAME
+from bdm.export.onnx_export import ParityReport, case_line
 from bdm.plugins.multibasis_reference import activation_step
 
 TOLERANCE = 1e-5
@@ -124,18 +125,22 @@ def forced_step(layer, step: Optional[np.ndarray]):
         layer.quantizer_a.alpha.data = alpha
 
 
+def hooked_run(model, feed, handles) -> np.ndarray:
+    """eps of `model` on `feed`; the hooks of `handles` are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            return model(*(torch.from_numpy(feed[n]) for n in INPUT_NAMES)).numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def torch_run(model, feed) -> Tuple[np.ndarray, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """eps and (input, output) of every binarized layer of the free-running PyTorch model, in execution order."""
     values = {}
     handles = [layer.register_forward_hook(lambda m, args, y, path=path: values.__setitem__(
         path, (args[0].numpy(), y.numpy()))) for path, layer in binarized_layers(model)]
-    try:
-        with torch.no_grad():
-            eps = model(*(torch.from_numpy(feed[n]) for n in INPUT_NAMES)).numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return eps, values
+    return hooked_run(model, feed, handles), values
 
 
 def first_divergence(torch_values, ours, nodes: List[ProbedNode]) -> Optional[str]:
@@ -213,13 +218,7 @@ def forced_codes_run(model, feed, quantizers: Dict[str, Tuple[np.ndarray, np.flo
 
     handles = [modules[path].register_forward_hook(force(path), with_kwargs=True) for path in quantizers
                if isinstance(modules.get(path), ActQuantizer)]
-    try:
-        with torch.no_grad():
-            eps = model(*(torch.from_numpy(feed[n]) for n in INPUT_NAMES)).numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return eps, flips
+    return hooked_run(model, feed, handles), flips
 
 
 @dataclass
@@ -250,33 +249,24 @@ class CaseResult:
                 text += f" (all within {f.margin:.1e} of a rounding midpoint, worst at {f.worst})"
             if f.step_rel:
                 text += f", dynamic steps within {f.step_rel:.1e}"
-        if self.note:
-            text += f"; {self.note}"
-        return text + ("  PASS" if self.passed else "  FAIL")
+        return case_line(text, self.note, self.passed, "; ")
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(ParityReport):
     mode: str
-    tolerance: float
-    cases: List[CaseResult] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.cases)
 
     def worst(self) -> float:
         return max(c.rel for c in self.cases)
 
-    def summary(self) -> str:
-        text = f"worst error {self.worst():.1e} * max|eps| (bound {self.tolerance:.0e}) over {len(self.cases)} cases"
+    def details(self) -> str:
         chaotic = [c for c in self.cases if c.rel > self.tolerance]
-        layers = max((c.worst_layer[1] for c in self.cases), default=0.0)
-        if chaotic:
-            forced = max(c.forced_rel for c in chaotic)
-            text += (f"; {len(chaotic)} parted at rounding-level 4-bit code flips (chaotic {self.mode} mode): with "
-                     f"ONNX Runtime's codes {forced:.1e}, every layer teacher-forced within {layers:.1e}")
-        return text
+        if not chaotic:
+            return ""
+        layers = max(c.worst_layer[1] for c in self.cases)
+        forced = max(c.forced_rel for c in chaotic)
+        return (f"; {len(chaotic)} parted at rounding-level 4-bit code flips (chaotic {self.mode} mode): with "
+                f"ONNX Runtime's codes {forced:.1e}, every layer teacher-forced within {layers:.1e}")
 
 
 def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: int = 2, seed: int = 0):
@@ -295,7 +285,7 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
     size = size or max(32, 2 * model.size_multiple)
     previous = {m: m.mode for m in model.modules() if hasattr(m, "mode")}
     set_mode(model, mode)
-    report = ValidationReport(mode, TOLERANCE)
+    report = ValidationReport(tolerance=TOLERANCE, cases=[], mode=mode)
     try:
         for feed in validation_feeds(model.in_channels, size, timesteps, batch, seed):
             ours = probe.run(feed)

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -212,41 +212,39 @@ def _bypass_initializer_identities(graph: onnx.GraphProto):
     graph.node.extend(kept)
 
 
-def _check_no_latent_weights(onnx_model: onnx.ModelProto, fp_params: int):
-    """Every float initializer of the file together must not exceed the network's full-precision parameters
-    plus the per-channel alpha: a latent binarized weight left in the graph would. (A size bound only; the
-    BI-DiffSR export checks values: _check_no_binary_conv_weights.)"""
-    bdm_nodes = [n for n in onnx_model.graph.node if n.domain == functions.DOMAIN]
-    spec_inputs = {name for n in bdm_nodes for name in n.input[2:]}
-    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    stored = sum(int(np.prod(i.dims)) for i in onnx_model.graph.initializer
-                 if i.data_type in float_types and i.name not in spec_inputs)
-    if stored > fp_params:
-        raise BdmError(f"internal check failed: the exported graph stores {stored} full-precision weights, more than "
-                       f"the {fp_params} of the network's FP layers (a latent binarized weight was exported)")
-
-
-def _check_no_binary_conv_weights(onnx_model: onnx.ModelProto, model: nn.Module):
-    """No tensor stored in the file is a BIConv's latent weight W, sign(W) or alpha * sign(W) (fp32 or rounded
-    to fp16): those live in the file only as packed bits."""
+def check_no_binarized_weights(onnx_model: onnx.ModelProto,
+                               layers: Iterable[Tuple[str, torch.Tensor, Callable[[], List[torch.Tensor]]]], kind: str):
+    """No tensor stored in the file (initializer or Constant; float32, float16 or int8) holds the latent weight of a
+    binarized layer, nor another form of it that the file holds only as packed bits (signs, scaled signs), exactly or
+    rounded to fp16. `layers`: (path, latent weight, forms) with forms() those other forms, of the weight's shape;
+    called only for a layer whose shape a stored tensor has (all forms of a released network at once: gigabytes)."""
     stored = {}
     nodes = onnx_model.graph.node
     constants = (a.t for n in nodes if n.op_type == "Constant" for a in n.attribute if a.name == "value")
     for tensor in [*onnx_model.graph.initializer, *constants]:
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8):
             stored.setdefault(tuple(tensor.dims), []).append(tensor)
-    for path, module in bidiffsr.biconvs(model):
-        weight = module.binary_conv.weight.detach().float()
+    for path, weight, other_forms in layers:
         candidates = stored.get(tuple(weight.shape), [])
         if not candidates:
             continue
-        forms = [weight, torch.sign(weight), module.alpha().reshape(-1, 1, 1, 1) * torch.sign(weight)]
+        with torch.no_grad():
+            forms = [form.detach().float() for form in [weight, *other_forms()]]
         forms += [form.half().float() for form in forms]
         for tensor in candidates:
             value = torch.from_numpy(onnx.numpy_helper.to_array(tensor).astype(np.float32))
             if any(torch.equal(value, form) for form in forms):
                 raise BdmError(f"internal check failed: {tensor.name or 'a constant'} in the exported graph holds the "
-                               f"full-precision weight of the binarized conv {path}")
+                               f"full-precision weight of the {kind} {path}")
+
+
+def _biconv_weights(model: nn.Module):
+    """check_no_binarized_weights' layers of a BI-DiffSR network: each BIConv's W, with sign(W) and
+    alpha * sign(W)."""
+    for path, module in bidiffsr.biconvs(model):
+        weight = module.binary_conv.weight
+        yield path, weight, lambda w=weight, m=module: [torch.sign(w),
+                                                        m.alpha().reshape(-1, 1, 1, 1) * torch.sign(w)]
 
 
 def check_options(dtype: str, opset: int):
@@ -285,10 +283,14 @@ def to_onnx(model: bidiffsr.BIDiffSRUNet, dtype: str = "fp32", opset: int = DEFA
             exported.timestep_level_mlp[0] = Float16Embedding(exported.timestep_level_mlp[0])
         onnx_model = _trace(exported, DTYPES[dtype], opset)
     _bypass_initializer_identities(onnx_model.graph)
-    _check_no_binary_conv_weights(onnx_model, model)
+    check_no_binarized_weights(onnx_model, _biconv_weights(model), "binarized conv")
+    return finish_model(onnx_model, _network_metadata(model, dtype, fused, zero_sign, metadata or {}))
+
+
+def finish_model(onnx_model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
+    """Functions, metadata, producer and the full checker: the post-processing of every bdm export."""
     functions.attach_functions(onnx_model)
-    meta = _network_metadata(model, dtype, fused, zero_sign, metadata or {})
-    onnx.helper.set_model_props(onnx_model, {METADATA_PREFIX + k: str(v) for k, v in meta.items()})
+    onnx.helper.set_model_props(onnx_model, {METADATA_PREFIX + k: str(v) for k, v in metadata.items()})
     onnx_model.producer_name, onnx_model.producer_version = "bdm", _bdm_version()
     try:
         onnx.checker.check_model(onnx_model, full_check=True)
@@ -343,11 +345,55 @@ def _options_scale(config) -> Dict[str, str]:
     return {"scale": str(scale)} if isinstance(scale, int) and not isinstance(scale, bool) else {}
 
 
+def case_line(measured: str, note: str, passed: bool, separator: str) -> str:
+    """The line a validation case prints: what it measured, its note, the verdict."""
+    return measured + (f"{separator}{note}" if note else "") + ("  PASS" if passed else "  FAIL")
+
+
+@dataclass
+class ParityReport:
+    """ONNX Runtime (and TensorRT) against PyTorch on one export, the cases judged by max|diff| <= tolerance *
+    max|eps|: what `bdm export` and `bdm validate` print. Each family's validation (export.validate,
+    export.binarydm_validate) subclasses it with its cases, worst() and details()."""
+
+    tolerance: float
+    cases: list
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.cases)
+
+    def summary(self) -> str:
+        return (f"worst error {self.worst():.1e} * max|eps| (bound {self.tolerance:.0e}) over {len(self.cases)} cases"
+                + self.details())
+
+    def missed_bound(self) -> str:
+        """The bound a failed validation names."""
+        return f"{self.tolerance:.0e}"
+
+
 @dataclass
 class ExportSummary:
     path: Path
     seconds: float
-    validation: Optional["object"]  # validate.ValidationReport, None with validate=False
+    validation: Optional[ParityReport]  # None with validate=False
+
+
+def write_validated(onnx_model: onnx.ModelProto, output: Path,
+                    validation: Optional[Callable[[Path], ParityReport]]) -> Optional[ParityReport]:
+    """Write `onnx_model` to `output` atomically (runtime.atomic.atomic_path): to a temporary file beside it, which
+    `validation` (unless None) compares with PyTorch before the rename; on a failed validation, or any error, no
+    file is left."""
+    with atomic_path(output) as tmp:
+        try:
+            tmp.write_bytes(onnx_model.SerializeToString())
+        except OSError as e:
+            raise BdmError(f"cannot write {output}: {e.strerror}; choose another output path") from None
+        report = None if validation is None else validation(tmp)
+        if report is not None and not report.passed:
+            raise BdmError(f"validation failed: ONNX Runtime differs from PyTorch beyond {report.missed_bound()} "
+                           f"(lines above); no file written; `--no-validate` writes it anyway for debugging")
+    return report
 
 
 def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
@@ -377,22 +423,14 @@ def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int
     metadata = {"network_g": json.dumps(bidiffsr_network_g(config), sort_keys=True),
                 "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt), **_options_scale(config)}
     onnx_model = to_onnx(model, dtype, opset, fused, zero_weight_sign, metadata)
-    report = None
-    with atomic_path(output) as tmp:
-        try:
-            tmp.write_bytes(onnx_model.SerializeToString())
-        except OSError as e:
-            raise BdmError(f"cannot write {output}: {e.strerror}; choose another output path") from None
-        if validate:
-            from bdm.export import validate as validation
 
-            log(f"validating: ONNX Runtime vs PyTorch, {len(EXPORT_CHECK_TIMESTEPS)} inputs "
-                f"{'x'.join(map(str, EXPORT_CHECK_NHW))} (one per timestep group)")
-            report = validation.compare(tmp, model, nhw=EXPORT_CHECK_NHW, timesteps=EXPORT_CHECK_TIMESTEPS,
-                                        log=log, polygraphy_stats=False)
-            if not report.passed:
-                failed = sum(not c.passed for c in report.cases)
-                raise BdmError(f"validation failed: ONNX Runtime differs from PyTorch beyond {report.tolerance:.0e} "
-                               f"* max|eps| in {failed} of {len(report.cases)} cases (lines above); no file written; "
-                               f"`--no-validate` writes it anyway for debugging")
+    def compare(path):
+        from bdm.export import validate as validation
+
+        log(f"validating: ONNX Runtime vs PyTorch, {len(EXPORT_CHECK_TIMESTEPS)} inputs "
+            f"{'x'.join(map(str, EXPORT_CHECK_NHW))} (one per timestep group)")
+        return validation.compare(path, model, nhw=EXPORT_CHECK_NHW, timesteps=EXPORT_CHECK_TIMESTEPS, log=log,
+                                  polygraphy_stats=False)
+
+    report = write_validated(onnx_model, output, compare if validate else None)
     return ExportSummary(output, time.perf_counter() - start, report)

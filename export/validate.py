@@ -33,7 +33,7 @@ from polygraphy.logger import G_LOGGER
 from bdm.errors import BdmError
 from bdm.export import bidiffsr, functions
 from bdm.export.checkpoint import load_model
-from bdm.export.onnx_export import read_metadata, resolve_zero_weights
+from bdm.export.onnx_export import ParityReport, case_line, read_metadata, resolve_zero_weights
 from bdm.plugins import spec
 from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, TorchRunner, trt_runner
 from bdm.runtime.trt_backend import file_sha256, parse_nhw
@@ -279,32 +279,27 @@ class CaseResult:
             text += f"  with the same signs: rel {self.forced_rel:.2e}"
             if self.local_flips:
                 text += f" ({self.local_flips} local flips, |x+beta| <= {self.local_margin:.1e} max)"
-        if self.note:
-            text += f"  {self.note}"
-        return text + ("  PASS" if self.passed else "  FAIL")
+        return case_line(text, self.note, self.passed, "  ")
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(ParityReport):
     dtype: str
-    tolerance: float
-    cases: List[CaseResult]
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.cases)
 
     def worst(self) -> float:
         """The largest error with the same signs (the raw error where no sign flipped)."""
         return max(c.rel if c.forced_rel is None else c.forced_rel for c in self.cases)
 
-    def summary(self) -> str:
+    def details(self) -> str:
         flipped = [c for c in self.cases if c.flips]
-        text = f"worst error {self.worst():.1e} * max|eps| (bound {self.tolerance:.0e}) over {len(self.cases)} cases"
-        if flipped:
-            text += (f"; {len(flipped)} with rounding-level sign flips (raw error up to "
-                     f"{max(c.rel for c in flipped):.1e}, compared with the same signs)")
-        return text
+        if not flipped:
+            return ""
+        return (f"; {len(flipped)} with rounding-level sign flips (raw error up to "
+                f"{max(c.rel for c in flipped):.1e}, compared with the same signs)")
+
+    def missed_bound(self) -> str:
+        failed = sum(not c.passed for c in self.cases)
+        return f"{self.tolerance:.0e} * max|eps| in {failed} of {len(self.cases)} cases"
 
 
 def _diagnose(case: CaseResult, model, probe: OnnxLayerProbe, feed, y_ort, dtype: str, tol: float):
@@ -398,7 +393,7 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
                 case.note = "(no per-layer values from an engine: compare the onnxruntime lines for sign flips)"
             cases.append(case)
             log(case.line(tol))
-    return ValidationReport(dtype, tol, cases)
+    return ValidationReport(tolerance=tol, cases=cases, dtype=dtype)
 
 
 def check_metadata(onnx_model: onnx.ModelProto, path) -> Dict[str, str]:

@@ -4,6 +4,7 @@ quantized operands bit for bit), and the golden UNet exported whole: ONNX Runtim
 and fp (and fp against the official y_fp), static/dynamic through the teacher-forced validation, packed weights only,
 dynamic N/H/W, the exact-zero weight refused with its location or resolved on request."""
 
+import re
 import warnings
 
 import numpy as np
@@ -16,7 +17,7 @@ from onnx import helper
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export import binarydm_onnx, binarydm_validate
+from bdm.export import binarydm_onnx, binarydm_validate, onnx_export
 from bdm.export.binarydm import binarized_layers
 from bdm.export.binarydm_layers import set_mode
 
@@ -194,6 +195,29 @@ def test_unet_static_export_holds_packed_weights_and_records_its_mode(resolved_u
     assert size < latent_fp32 / 3
 
 
+def test_export_refuses_a_network_traced_without_packing(resolved_unet, monkeypatch):
+    monkeypatch.setattr(binarydm_onnx, "_swap", lambda mode: lambda path, module: None)  # latent layers traced
+    with pytest.raises(BdmError, match=r"holds the full-precision weight of the binarized layer "
+                                       r"input_blocks\.1\.0\.in_layers\.2$"):
+        binarydm_onnx.to_onnx(resolved_unet, "w1a32")
+
+
+@pytest.mark.parametrize("form", ["W", "B1", "B2", "B2 int8", "W_hat"])
+def test_latent_weight_check_finds_each_form_of_a_binarized_weight(resolved_unet, unet_exports, form):
+    """The latent W, either sign basis or W_hat of an order-2 layer, stored anywhere in the file, fails the check."""
+    path, layer = next((p, l) for p, l in binarized_layers(resolved_unet) if l.binarized and l.order == 2)
+    with torch.no_grad():
+        planes = layer.sign_planes()
+        value = {"W": layer.weight, "B1": planes[0], "B2": planes[1], "B2 int8": planes[1].to(torch.int8),
+                 "W_hat": layer.binarized_weight()}[form]
+    leaky = onnx.ModelProto()
+    leaky.CopyFrom(unet_exports["static"])
+    leaky.graph.initializer.append(onnx.numpy_helper.from_array(value.detach().numpy(), "leak"))
+    with pytest.raises(BdmError, match=rf"leak .* binarized layer {re.escape(path)}$"):
+        onnx_export.check_no_binarized_weights(leaky, binarydm_onnx._binarized_weights(resolved_unet),
+                                               "binarized layer")
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_unet_chaotic_modes_pass_the_validation(resolved_unet, unet_exports, mode, tmp_path):
     """t = 999 parts at a code flip in dynamic mode (measured): the forced-codes run must then meet the bound."""
@@ -234,11 +258,18 @@ def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path
         broken = corrupted(exported, "output_blocks.3.0.in_layers.2.packed.weight", invert_first_channel)
     else:  # the output GroupNorm's scale off by 1e-3 (FP glue; one feeding a 4-bit quantizer may change no code)
         broken = corrupted(exported, group_norm_scale(exported, "/out/out.0"), lambda w: w * np.float32(1.001))
-    path = tmp_path / "broken.onnx"
-    path.write_bytes(broken.SerializeToString())
-    report = binarydm_validate.compare(path, resolved_unet, "static", timesteps=(500,), log=lambda line: None)
-    case = report.cases[0]
-    assert not report.passed and case.rel > 1e-5
+    reports = []
+
+    def compare(path):
+        reports.append(binarydm_validate.compare(path, resolved_unet, "static", timesteps=(500,),
+                                                 log=lambda line: None))
+        return reports[-1]
+
+    with pytest.raises(BdmError, match=r"beyond 1e-05 \(lines above\); no file written"):
+        onnx_export.write_validated(broken, tmp_path / "broken.onnx", compare)  # as `bdm export` writes its file
+    assert list(tmp_path.iterdir()) == []
+    case = reports[0].cases[0]
+    assert not reports[0].passed and case.rel > 1e-5
     if where == "layer":
         assert case.worst_layer[0] == "output_blocks.3.0.in_layers.2" and case.worst_layer[1] > 1e-3
     else:

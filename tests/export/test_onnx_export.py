@@ -208,4 +208,4 @@ def test_export_checkpoint_records_the_source_and_the_options_scale(bi_ref, tmp_
 def test_the_latent_weight_check_catches_a_network_traced_without_packing(small_model):
     traced = onnx_export._trace(small_model, torch.float32, onnx_export.DEFAULT_OPSET)  # BIConvs not swapped
     with pytest.raises(bdm.errors.BdmError, match="holds the full-precision weight of the binarized conv"):
-        onnx_export._check_no_binary_conv_weights(traced, small_model)
+        onnx_export.check_no_binarized_weights(traced, onnx_export._biconv_weights(small_model), "binarized conv")

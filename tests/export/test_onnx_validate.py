@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 import bdm
+from bdm.errors import BdmError
 from bdm.export import onnx_export, validate
 from bdm.plugins import spec
 
@@ -113,9 +114,17 @@ def test_a_flipped_weight_bit_fails(small_onnx, small_model, tmp_path):
         return words
 
     broken = corrupted(small_onnx, node.input[2], flip_bit)
-    report = validate.compare(write(broken, tmp_path, "b.onnx"), small_model, nhw=(1, 16, 16), timesteps=[0],
-                              log=print, polygraphy_stats=False)
-    (case,) = report.cases
+    reports = []
+
+    def compare(path):
+        reports.append(validate.compare(path, small_model, nhw=(1, 16, 16), timesteps=[0], log=print,
+                                        polygraphy_stats=False))
+        return reports[-1]
+
+    with pytest.raises(BdmError, match=r"beyond 1e-05 \* max\|eps\| in 1 of 1 cases \(lines above\); no file written"):
+        onnx_export.write_validated(broken, tmp_path / "b.onnx", compare)  # as `bdm export` writes its file
+    assert list(tmp_path.iterdir()) == []
+    (case,) = reports[0].cases
     assert not case.passed and case.forced_rel > 1e-5
 
 
