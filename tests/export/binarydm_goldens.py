@@ -1,9 +1,11 @@
-"""Shared by the BinaryDM tests: the per-layer, attention and block goldens of shared/reference/binarydm, and the
-modules they were made with, built from each case's JSON and loaded from its state_dict."""
+"""Shared by the BinaryDM tests: the per-layer, attention, block and UNet goldens of shared/reference/binarydm, the
+modules they were made with, built from each case's JSON and loaded from its state_dict, and the one-thread
+fixture (a module that imports `one_thread` runs all its tests on one thread, without gradients)."""
 
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from bdm.export.binarydm import AttentionBlock, ResBlock, binarized_layers
@@ -13,7 +15,18 @@ LAYER_CASES = ["conv3x3_s1_order2", "conv3x3_s2_order2", "conv1x1_order1", "conv
                "conv3x3_s1_order2_a8"]
 BLOCK_CASES = ["resblock_32to64_order2", "attnblock_64_order1"]
 ATTENTION_CASE = "attention_core_legacy"
+UNET_CASE = "unet_cifar_like_w32"
 BOUND = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-exact comparisons need the official reduction order (the goldens were made with 1 thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        yield
+    torch.set_num_threads(threads)
 
 
 def golden(bdm_ref, case):
@@ -21,6 +34,12 @@ def golden(bdm_ref, case):
     state = torch.load(bdm_ref / f"{case}.pt", weights_only=True)
     arrays = {k: torch.from_numpy(v) for k, v in np.load(bdm_ref / f"{case}.npz").items()}
     return meta, state, arrays
+
+
+@pytest.fixture(scope="module")
+def unet_golden(bdm_ref):
+    """(meta, state, arrays) of the official UNet golden."""
+    return golden(bdm_ref, UNET_CASE)
 
 
 def build_layer(meta, state):

@@ -15,16 +15,7 @@ from bdm.plugins.multibasis_reference import pack_bases, sign_bases
 from bdm.plugins.packing import ZeroWeightError
 
 from binarydm_goldens import LAYER_CASES, assert_within_bound, build_case, build_layer, golden  # tests/export
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bit-exact comparisons need the official reduction order (the goldens were made with 1 thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        yield
-    torch.set_num_threads(threads)
+from binarydm_goldens import one_thread  # noqa: F401 (an autouse fixture)
 
 
 def assert_matches(ours, official, what):

@@ -1,9 +1,6 @@
 """bdm.load_model for BinaryDM checkpoints: Lightning state_dicts (student, EMA, FP teacher, first stage) and plain
 UNet state_dicts, family detection, exact-zero reporting, one-line failures. Built from the official UNet golden."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
 
@@ -12,23 +9,13 @@ from bdm.export.binarydm import claims_keys
 from bdm.export.binarydm_layers import set_mode
 from bdm.export.checkpoint import load_model, resolve_family
 
-CASE = "unet_cifar_like_w32"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        yield
-    torch.set_num_threads(threads)
+from binarydm_goldens import UNET_CASE, one_thread, unet_golden  # noqa: F401 (fixtures)  # tests/export
 
 
 @pytest.fixture(scope="module")
-def golden(bdm_ref):
-    state = torch.load(bdm_ref / f"{CASE}.pt", weights_only=True)
-    arrays = {k: torch.from_numpy(v) for k, v in np.load(bdm_ref / f"{CASE}.npz").items()}
-    return bdm_ref / f"{CASE}.json", state, arrays
+def config(bdm_ref):
+    """The golden's JSON (its constructor and act bits) as a config path."""
+    return bdm_ref / f"{UNET_CASE}.json"
 
 
 def lightning_checkpoint(state, ema=True):
@@ -53,8 +40,8 @@ def eps(model, arrays, i=0):
     return model(arrays["x"][i], arrays["timesteps"][i])
 
 
-def test_lightning_checkpoint_prefers_ema(golden, tmp_path):
-    config, state, arrays = golden
+def test_lightning_checkpoint_prefers_ema(unet_golden, config, tmp_path):
+    _, state, arrays = unet_golden
     path = tmp_path / "last.ckpt"
     torch.save(lightning_checkpoint(state), path)
     with pytest.warns(UserWarning, match=r"output_blocks\.2\.1\.conv\.weight, 1 at index \(19, 19, 2, 1\)"):
@@ -65,18 +52,18 @@ def test_lightning_checkpoint_prefers_ema(golden, tmp_path):
         assert torch.equal(eps(model, arrays), arrays[f"y_{mode}"][0]), mode
 
 
-def test_plain_state_dict_with_config_dict(golden, tmp_path):
-    config, state, arrays = golden
+def test_plain_state_dict_with_config_dict(unet_golden, tmp_path):
+    meta, state, arrays = unet_golden
     path = tmp_path / "unet.pt"
     torch.save(state, path)
     with pytest.warns(UserWarning, match="exact-zero"):
-        model = load_model(path, config=json.loads(config.read_text()), family="binarydm")
+        model = load_model(path, config=meta, family="binarydm")
     set_mode(model, "w1a32")
     assert torch.equal(eps(model, arrays, 2), arrays["y_w1a32"][2])
 
 
-def test_family_detected_from_keys(golden):
-    _, state, _ = golden
+def test_family_detected_from_keys(unet_golden):
+    _, state, _ = unet_golden
     lightning = lightning_checkpoint(state)["state_dict"]
     assert claims_keys(state) and claims_keys(lightning)
     assert resolve_family(None, None, set(state)).name == "binarydm"
@@ -84,8 +71,8 @@ def test_family_detected_from_keys(golden):
     assert not claims_keys({"downs.0.weight", "timestep_level_mlp.1.weight"})
 
 
-def test_student_used_without_ema(golden, tmp_path):
-    config, state, arrays = golden
+def test_student_used_without_ema(unet_golden, config, tmp_path):
+    _, state, arrays = unet_golden
     path = tmp_path / "student.ckpt"
     torch.save(lightning_checkpoint(state, ema=False), path)
     with pytest.warns(UserWarning):
@@ -94,8 +81,8 @@ def test_student_used_without_ema(golden, tmp_path):
     assert torch.equal(eps(model, arrays, 1), arrays["y_fp"][1])
 
 
-def test_bad_inputs_are_one_line_errors(golden, tmp_path):
-    config, state, _ = golden
+def test_bad_inputs_are_one_line_errors(unet_golden, config, tmp_path):
+    _, state, _ = unet_golden
     path = tmp_path / "unet.pt"
     missing = dict(state)
     del missing["middle_block.1.attention.act_quantizer_w.alpha"]

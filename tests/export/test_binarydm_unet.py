@@ -6,7 +6,6 @@ asserted here for all three timesteps; the execution trace localises the first d
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,25 +14,7 @@ from bdm.export.binarydm import (BINARYDM_RELEASED, build_binarydm, binarized_la
                                  first_trace_divergence, quantizer_trace, unet_params, zero_sign_weights)
 from bdm.export.binarydm_layers import MODES, set_mode
 
-CASE = "unet_cifar_like_w32"
-BOUND = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def unet_golden(bdm_ref):
-    meta = json.loads((bdm_ref / f"{CASE}.json").read_text())
-    state = torch.load(bdm_ref / f"{CASE}.pt", weights_only=True)
-    arrays = {k: torch.from_numpy(v) for k, v in np.load(bdm_ref / f"{CASE}.npz").items()}
-    return meta, state, arrays
+from binarydm_goldens import BOUND, one_thread, unet_golden  # noqa: F401 (fixtures)  # tests/export
 
 
 @pytest.fixture()
