@@ -421,7 +421,8 @@ def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shap
     if meta.get("family") == "binarydm":
         from bdm.export import binarydm_validate
 
-        return binarydm_validate.validate_file(model_path, onnx_model, meta, ckpt, config, engine, shape, seed, log)
+        return binarydm_validate.validate_file(model_path, onnx_model, meta, ckpt, config, engine, plugins, shape,
+                                                seed, log)
     network = config if config is not None else json.loads(meta["network_g"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exact-zero weights: resolved as the export did, below

@@ -91,3 +91,14 @@ def test_act_mode_is_refused_for_bi_diffsr(bi_ref, tmp_path):
     line = one_error_line(run_bdm("export", bi_ref / "ckpt_small_x4.pth", tmp_path / "o.onnx", "--config",
                                   bi_ref / "ckpt_small_x4.yml", "--act-mode", "static"))
     assert "--act-mode applies to BinaryDM" in line
+
+
+def test_validate_with_an_engine_needs_tensorrt(exported, bdm_ref, tmp_path):
+    """BinaryDM engines are validated like BI-DiffSR ones; without TensorRT (this machine) the request is one line.
+    (No engine can be built here: the file only has to exist.)"""
+    path, _ = exported
+    engine = tmp_path / "unet.engine"
+    engine.write_bytes(b"not an engine")
+    line = one_error_line(run_bdm("validate", path, "--ckpt", bdm_ref / f"{CASE}.pt", "--shape", "2x16x16",
+                                  "--engine", engine))
+    assert "--engine" in line and str(engine) in line, line
