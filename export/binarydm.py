@@ -19,18 +19,16 @@ Reference: ../shared/reference/binarydm/README.md and ARCHITECTURE.md §3-4.
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from bdm.errors import BdmError
 from bdm.export.binarydm_layers import (ACT_BITS, BNNConv1d, BNNConv2d, BNNLinear, BinarizedLayer,
                                         QuantizedQKVAttention, act_range, set_mode)
-from bdm.export.config import ModelFamily
+from bdm.export.config import ModelFamily, load_config
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel_ours.UNetModel"
 
@@ -65,18 +63,7 @@ GROUP_NORM_GROUPS = 32
 
 # --------------------------------------------------------------------------- config
 def _load_mapping(config) -> "tuple[dict, str]":
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise BdmError(f"config {path} not found: pass the LDM YAML of the model (model.params.unet_config)")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BdmError(f"config {path} is not valid YAML ({reason}); pass the LDM YAML of the model") from None
-        config, source = loaded, str(path)
-    else:
-        source = "the config dict"
+    config, source = load_config(config, "the LDM YAML of the model (model.params.unet_config)")
     if not isinstance(config, dict):
         raise BdmError(f"{source} is not a mapping; expected an LDM YAML with model.params.unet_config.params")
     return config, source

@@ -36,21 +36,25 @@ _INT_KEYS = ("in_channel", "out_channel", "inner_channel", "norm_groups", "res_b
 _INT_LIST_KEYS = ("channel_mults", "attn_res", "fp_res")
 
 
+def load_config(config, wanted: str) -> Tuple[object, str]:
+    """(the loaded YAML, its name for messages) for a path, or (config, "the config dict") for anything else.
+    `wanted` names the file a user should pass, for the one-line errors."""
+    if not isinstance(config, (str, Path)):
+        return config, "the config dict"
+    path = Path(config)
+    if not path.is_file():
+        raise BdmError(f"config {path} not found: pass {wanted}")
+    try:
+        return yaml.safe_load(path.read_text()), str(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BdmError(f"config {path} is not valid YAML ({reason}); pass {wanted}") from None
+
+
 def read_network_g(config) -> dict:
     """The `network_g` mapping of `config`: a path to an official options YAML, a dict of the whole options
     file, or a dict of its `network_g` section. Returns a deep copy."""
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise BdmError(f"config {path} not found: pass the official options YAML (e.g. options/test/test_BI_DiffSR_x4.yml)")
-        try:
-            config = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BdmError(f"config {path} is not valid YAML ({reason}); pass the official options YAML") from None
-        source = str(path)
-    else:
-        source = "the config dict"
+    config, source = load_config(config, "the official options YAML (e.g. options/test/test_BI_DiffSR_x4.yml)")
     if not isinstance(config, dict):
         raise BdmError(f"{source} is not a mapping; expected an options YAML with a network_g section")
     network_g = config.get("network_g", config)
