@@ -84,7 +84,8 @@ __attribute__((constructor)) void selfRegister()
     }
 }
 
-__attribute__((destructor)) void selfDeregister()
+// Undo selfRegister (no-op when it did not register).
+void withdrawSelfRegistration()
 {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mutex);
@@ -96,6 +97,11 @@ __attribute__((destructor)) void selfDeregister()
         }
         s.selfRegistry = nullptr;
     }
+}
+
+__attribute__((destructor)) void selfDeregister()
+{
+    withdrawSelfRegistration();
 }
 
 } // namespace
@@ -122,18 +128,7 @@ void logMessage(ILogger::Severity severity, std::string const& message)
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
     using namespace bdm::trt;
-    State& s = state();
-    {
-        std::lock_guard<std::mutex> lock(s.mutex);
-        if (s.selfRegistry)
-        {
-            for (IPluginCreatorInterface* c : creators())
-            {
-                s.selfRegistry->deregisterCreator(*c);
-            }
-            s.selfRegistry = nullptr;
-        }
-    }
+    withdrawSelfRegistration();
     nbCreators = static_cast<int32_t>(creators().size());
     return creators().data();
 }
