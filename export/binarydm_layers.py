@@ -23,7 +23,7 @@ Reference: ../shared/reference/binarydm/README.md ("Exact semantics") and ARCHIT
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +241,20 @@ class BNNLinear(BinarizedLayer):
 
     def _apply_weight(self, x, weight):
         return F.linear(x, weight, self.bias)
+
+
+def official_layer(official_class: str, constructor: Dict[str, int], act_bits: Optional[int]) -> BinarizedLayer:
+    """BNNConv2d / BNNConv1d / BNNLinear from the official class name and its constructor arguments (in_channels,
+    out_channels, kernel_size, stride, padding, order; in_features / out_features for BNNLinear)."""
+    c = constructor
+    if official_class == "BNNLinear":
+        return BNNLinear(c["in_features"], c["out_features"], order=c["order"], act_bits=act_bits)
+    classes = {"BNNConv2d": BNNConv2d, "BNNConv1d": BNNConv1d}
+    if official_class not in classes:
+        raise BdmError(f"{official_class} is not a BinaryDM binarized layer; expected one of "
+                       f"{sorted(classes) + ['BNNLinear']}")
+    return classes[official_class](c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"],
+                                   order=c["order"], act_bits=act_bits)
 
 
 def official_scale_init(layer: BinarizedLayer):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bdm.export.binarydm import AttentionBlock, ResBlock, binarized_layers
-from bdm.export.binarydm_layers import BNNConv1d, BNNConv2d, BNNLinear, QuantizedQKVAttention
+from bdm.export.binarydm_layers import QuantizedQKVAttention, official_layer
 
 LAYER_CASES = ["conv3x3_s1_order2", "conv3x3_s2_order2", "conv1x1_order1", "conv1d_qkv_order2", "linear_emb_order2",
                "conv3x3_s1_order2_a8"]
@@ -43,14 +43,7 @@ def unet_golden(bdm_ref):
 
 
 def build_layer(meta, state):
-    c = meta["constructor"]
-    bits = meta["act_quantizer"]["nbits"]
-    if meta["official_class"] == "BNNLinear":
-        layer = BNNLinear(c["in_features"], c["out_features"], order=c["order"], act_bits=bits)
-    else:
-        cls = {"BNNConv2d": BNNConv2d, "BNNConv1d": BNNConv1d}[meta["official_class"]]
-        layer = cls(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"],
-                    order=c["order"], act_bits=bits)
+    layer = official_layer(meta["official_class"], meta["constructor"], meta["act_quantizer"]["nbits"])
     layer.load_state_dict(state, strict=True)
     return layer
 
