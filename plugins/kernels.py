@@ -76,9 +76,9 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     lib.bdm_multibasis_conv_out_size.restype = ctypes.c_int32
     lib.bdm_multibasis_conv_workspace_size.argtypes = [ctypes.POINTER(MultiBasisShape)]
     lib.bdm_multibasis_conv_workspace_size.restype = ctypes.c_size_t
-    lib.bdm_multibasis_conv.argtypes = mb_args + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.bdm_multibasis_conv.argtypes = mb_args + [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.bdm_multibasis_conv.restype = ctypes.c_int
-    lib.bdm_multibasis_conv_host.argtypes = mb_args
+    lib.bdm_multibasis_conv_host.argtypes = mb_args + [ctypes.c_int]
     lib.bdm_multibasis_conv_host.restype = ctypes.c_int
     lib.bdm_status_string.argtypes = [ctypes.c_int]
     lib.bdm_status_string.restype = ctypes.c_char_p
@@ -127,6 +127,12 @@ def _check(lib, status, what):
         raise BdmError(f"{what} failed: {lib.bdm_status_string(status).decode()} (status {status})")
 
 
+def _algo(algo):
+    if algo not in ALGOS:
+        raise BdmError(f"algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+    return ALGOS[algo]
+
+
 def _stream():
     import torch
     return torch.cuda.current_stream().cuda_stream
@@ -153,10 +159,10 @@ def binary_conv2d(x, weight, alpha, *, in_channels, out_channels, kernel_size, p
         import torch
         workspace_bytes = lib.bdm_binary_conv_workspace_size(ctypes.byref(shape))
         workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=x.device)
-        status = lib.bdm_binary_conv2d(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype, ALGOS[algo],
+        status = lib.bdm_binary_conv2d(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype, _algo(algo),
                                        workspace.data_ptr(), workspace_bytes, _stream())
     else:
-        status = lib.bdm_binary_conv2d_host(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype, ALGOS[algo])
+        status = lib.bdm_binary_conv2d_host(ctypes.byref(shape), ctypes.byref(tensors), ops.dtype, _algo(algo))
     _check(lib, status, "bdm_binary_conv2d")
     return y
 
@@ -181,8 +187,10 @@ def timestep_affine(x, t, *, num_groups=5, total_steps=2000, table=None, bias0=N
 
 
 def multibasis_conv(x, weight, scale, bias, act_step, *, in_channels, out_channels, num_bases, spatial_dims,
-                    kernel_size=1, stride=1, padding=0, act_bits=4, library=None):
-    """MultiBasisConv (plugins/multibasis_conv/spec.yaml): x float32 [N, C, *spatial] with spatial_dims axes."""
+                    kernel_size=1, stride=1, padding=0, act_bits=4, algo="auto", library=None):
+    """MultiBasisConv (plugins/multibasis_conv/spec.yaml): x float32 [N, C, *spatial] with spatial_dims axes.
+    algo: "auto", "simple" or "tensor_core" (on the host path: the tensor-core kernel's emulation); act_bits 0
+    always runs the simple kernel."""
     lib = load(library)
     ops = _Operands(x)
     if ops.x_dtype != "float32":
@@ -203,9 +211,9 @@ def multibasis_conv(x, weight, scale, bias, act_step, *, in_channels, out_channe
         import torch
         workspace_bytes = lib.bdm_multibasis_conv_workspace_size(ctypes.byref(shape))
         workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=x.device)
-        status = lib.bdm_multibasis_conv(ctypes.byref(shape), ctypes.byref(tensors), workspace.data_ptr(),
-                                         workspace_bytes, _stream())
+        status = lib.bdm_multibasis_conv(ctypes.byref(shape), ctypes.byref(tensors), _algo(algo),
+                                         workspace.data_ptr(), workspace_bytes, _stream())
     else:
-        status = lib.bdm_multibasis_conv_host(ctypes.byref(shape), ctypes.byref(tensors))
+        status = lib.bdm_multibasis_conv_host(ctypes.byref(shape), ctypes.byref(tensors), _algo(algo))
     _check(lib, status, "bdm_multibasis_conv")
     return y

@@ -2,9 +2,6 @@
 
 #include "binary_conv_kernel.h"
 
-#include <cstdlib>
-#include <cstring>
-
 using namespace nvinfer1;
 
 namespace bdm
@@ -13,31 +10,6 @@ namespace trt
 {
 namespace
 {
-
-// BDM_BINARY_CONV_ALGO = auto | simple | tensor_core selects the convolution kernel at run time (both are
-// exact; the switch exists for testing and benchmarking, so it is not an attribute of the model).
-int algoFromEnvironment()
-{
-    static int const algo = [] {
-        char const* v = std::getenv("BDM_BINARY_CONV_ALGO");
-        if (!v || !*v || std::strcmp(v, "auto") == 0)
-        {
-            return static_cast<int>(BDM_CONV_AUTO);
-        }
-        if (std::strcmp(v, "simple") == 0)
-        {
-            return static_cast<int>(BDM_CONV_SIMPLE);
-        }
-        if (std::strcmp(v, "tensor_core") == 0)
-        {
-            return static_cast<int>(BDM_CONV_TENSOR_CORE);
-        }
-        logMessage(ILogger::Severity::kWARNING,
-            std::string("BDM_BINARY_CONV_ALGO=") + v + " is not auto, simple or tensor_core; using auto");
-        return static_cast<int>(BDM_CONV_AUTO);
-    }();
-    return algo;
-}
 
 int32_t words(FieldValues const& f)
 {

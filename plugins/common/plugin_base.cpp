@@ -1,5 +1,6 @@
 #include "plugin_base.h"
 
+#include "../binary_conv/binary_conv_kernel.h"
 #include "bdm_status.h"
 
 #include <cstdlib>
@@ -140,6 +141,29 @@ int32_t FieldValues::get(char const* name) const
         std::abort();
     }
     return mValues[index];
+}
+
+int algoFromEnvironment()
+{
+    static int const algo = [] {
+        char const* v = std::getenv("BDM_BINARY_CONV_ALGO");
+        if (!v || !*v || std::strcmp(v, "auto") == 0)
+        {
+            return static_cast<int>(BDM_CONV_AUTO);
+        }
+        if (std::strcmp(v, "simple") == 0)
+        {
+            return static_cast<int>(BDM_CONV_SIMPLE);
+        }
+        if (std::strcmp(v, "tensor_core") == 0)
+        {
+            return static_cast<int>(BDM_CONV_TENSOR_CORE);
+        }
+        logMessage(Severity::kWARNING,
+            std::string("BDM_BINARY_CONV_ALGO=") + v + " is not auto, simple or tensor_core; using auto");
+        return static_cast<int>(BDM_CONV_AUTO);
+    }();
+    return algo;
 }
 
 std::string formatDims(Dims const& d)

@@ -154,6 +154,11 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
+// BDM_BINARY_CONV_ALGO = auto | simple | tensor_core: the kernel (a bdm_binary_conv_algo value) of the binary conv
+// ops and MultiBasisConv, read once per process. Every choice is exact, so it is a switch for testing and
+// benchmarking, not an attribute of the model; anything else warns and gives auto.
+int algoFromEnvironment();
+
 // Dims -> "[2, 40, 9, 7]" for messages.
 std::string formatDims(nvinfer1::Dims const& d);
 

@@ -34,6 +34,7 @@ struct Geometry
     int qp;       // 2^(b-1) - 1
     float gradScale; // g = float32(1 / sqrt(double(numel(x) * Qp))), numel(x) of the whole tensor
     int words;    // ceil(in_channels / 32)
+    int tapWords; // taps * words: K of the tensor-core GEMM in 32-bit words
     long long hw; // height * width
     long long outHw;
     long long pixels;    // batch * height * width
@@ -205,6 +206,13 @@ __host__ __device__ inline float outputQuantized(ClassDots const& d, ClassValues
     float acc = mulRn(v.same, static_cast<float>(d.same));
     acc = addRn(acc, mulRn(v.diff, static_cast<float>(d.diff)));
     return addRn(bias, mulRn(step, acc));
+}
+
+// y[n, o, *out_spatial] of output `at`.
+__host__ __device__ inline void storeOutput(bdm_multibasis_conv_tensors const& ts, Geometry const& geo,
+    OutCoord const& at, int o, float y)
+{
+    ts.y[(at.n * geo.outChannels + o) * geo.outHw + at.ohw] = y;
 }
 
 // act_bits = 0 (W1A32): y = bias + sum x * W_hat in float32, taps outer, channels inner.

@@ -1,7 +1,9 @@
 // MultiBasisConv: activation quantization into code bit-planes, the bit-serial AND+popcount convolution (and the
-// float32 one for act_bits 0), the C ABI. The shared math is in multibasis_conv_device.cuh.
+// float32 one for act_bits 0), the C ABI. The shared math is in multibasis_conv_device.cuh; the tensor-core kernel
+// in multibasis_conv_tensor_core.cu.
 #include "multibasis_conv_device.cuh"
 #include "multibasis_conv_kernel.h"
+#include "multibasis_conv_tensor_core.cuh"
 
 #include <cmath>
 #include <vector>
@@ -65,6 +67,7 @@ Geometry makeGeometry(bdm_multibasis_conv_shape const& s)
     g.pixels = g.hw * s.batch;
     g.outPixels = g.outHw * s.batch;
     g.words = (s.in_channels + 31) / 32;
+    g.tapWords = g.kernelH * g.kernelW * g.words;
     double const numel = static_cast<double>(g.pixels) * s.in_channels;
     g.gradScale = s.act_bits ? static_cast<float>(1.0 / std::sqrt(numel * g.qp)) : 0.0f;
     return g;
@@ -114,10 +117,18 @@ __global__ void convKernel(bdm_multibasis_conv_tensors ts, Geometry geo, uint32_
         ? outputQuantized(dotQuantized(planes, ts.weight, geo, at, o), v, activationStep(ts.act_step[0], geo.gradScale),
             ts.bias[o])
         : outputFloat(ts.x, ts.weight, v, ts.bias[o], geo, at, o);
-    ts.y[(at.n * geo.outChannels + o) * geo.outHw + at.ohw] = y;
+    storeOutput(ts, geo, at, o, y);
 }
 
-void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo)
+// The tensor cores serve the quantized path only (act_bits 0 is float32 arithmetic); AUTO takes them where the
+// shape fills the mma tiles: K of at least 256 bits and 16 output channels.
+bool useTensorCore(Geometry const& geo, int algo)
+{
+    bool const fits = geo.tapWords >= tc::kChunkWords && geo.outChannels >= 16;
+    return geo.actBits && (algo == BDM_CONV_TENSOR_CORE || (algo == BDM_CONV_AUTO && fits));
+}
+
+void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo, int algo)
 {
     std::vector<uint32_t> planes(planeWords(geo));
     if (geo.actBits)
@@ -131,6 +142,11 @@ void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo)
             }
         }
     }
+    if (geo.actBits && algo == BDM_CONV_TENSOR_CORE)
+    {
+        tc::emulateTensorCoreConv(ts, geo, planes.data());
+        return;
+    }
     for (long long outPixel = 0; outPixel < geo.outPixels; ++outPixel)
     {
         OutCoord const at = outCoord(geo, outPixel);
@@ -141,15 +157,16 @@ void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo)
                 ? outputQuantized(dotQuantized(planes.data(), ts.weight, geo, at, o), v,
                     activationStep(ts.act_step[0], geo.gradScale), ts.bias[o])
                 : outputFloat(ts.x, ts.weight, v, ts.bias[o], geo, at, o);
-            ts.y[(at.n * geo.outChannels + o) * geo.outHw + at.ohw] = y;
+            storeOutput(ts, geo, at, o, y);
         }
     }
 }
 
-int checkArguments(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors)
+int checkArguments(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors, int algo)
 {
-    return shape && tensors && validShape(*shape) && validTensors(*tensors, shape->act_bits) ? BDM_OK
-                                                                                          : BDM_INVALID_ARGUMENT;
+    bool const ok = shape && tensors && validShape(*shape) && validTensors(*tensors, shape->act_bits)
+        && algo >= BDM_CONV_AUTO && algo <= BDM_CONV_TENSOR_CORE;
+    return ok ? BDM_OK : BDM_INVALID_ARGUMENT;
 }
 
 } // namespace
@@ -167,10 +184,10 @@ extern "C" size_t bdm_multibasis_conv_workspace_size(bdm_multibasis_conv_shape c
 }
 
 extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors,
-    void* workspace, size_t workspace_bytes, cudaStream_t stream)
+    int algo, void* workspace, size_t workspace_bytes, cudaStream_t stream)
 {
     using namespace bdm::mb;
-    if (int const status = checkArguments(shape, tensors))
+    if (int const status = checkArguments(shape, tensors, algo))
     {
         return status;
     }
@@ -188,17 +205,25 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         }
         quantizeKernel<<<blocksFor(geo.pixels * geo.words), kThreads, 0, stream>>>(*tensors, geo, planes);
     }
-    dim3 const grid(blocksFor(geo.outPixels), static_cast<unsigned>(geo.outChannels));
-    convKernel<<<grid, kThreads, 0, stream>>>(*tensors, geo, planes);
+    if (useTensorCore(geo, algo))
+    {
+        launchTensorCoreConv(*tensors, geo, planes, stream);
+    }
+    else
+    {
+        dim3 const grid(blocksFor(geo.outPixels), static_cast<unsigned>(geo.outChannels));
+        convKernel<<<grid, kThreads, 0, stream>>>(*tensors, geo, planes);
+    }
     return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int bdm_multibasis_conv_host(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors)
+extern "C" int bdm_multibasis_conv_host(
+    bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors, int algo)
 {
-    if (int const status = bdm::mb::checkArguments(shape, tensors))
+    if (int const status = bdm::mb::checkArguments(shape, tensors, algo))
     {
         return status;
     }
-    bdm::mb::runHost(*tensors, bdm::mb::makeGeometry(*shape));
+    bdm::mb::runHost(*tensors, bdm::mb::makeGeometry(*shape), algo);
     return BDM_OK;
 }

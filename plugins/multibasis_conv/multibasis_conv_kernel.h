@@ -3,6 +3,7 @@
 // benchmarks all call these functions.
 #pragma once
 
+#include "../binary_conv/binary_conv_kernel.h" // bdm_binary_conv_algo: the same kernel choice for this op
 #include "../common/bdm_status.h"
 
 #include <cuda_runtime_api.h>
@@ -49,12 +50,19 @@ BDM_API int32_t bdm_multibasis_conv_out_size(int32_t length, int32_t kernel_size
 BDM_API size_t bdm_multibasis_conv_workspace_size(bdm_multibasis_conv_shape const* shape);
 
 // Enqueue the op on `stream`. Capture safe: no allocation, no synchronisation, no host read of device data.
+// algo (bdm_binary_conv_algo): BDM_CONV_SIMPLE runs one thread per output on CUDA cores, BDM_CONV_TENSOR_CORE the
+// mma.sync m16n8k256 b1 AND.POPC kernel (sm_80+), BDM_CONV_AUTO the tensor cores where the shape fills their tiles
+// (taps * in_channels rounded up to 32 >= 256 and out_channels >= 16). Both give bit-identical results; act_bits 0
+// (float32 arithmetic) always runs the simple kernel.
 BDM_API int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors,
-    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+    int algo, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// The same computation on the CPU (host pointers, synchronous) through the kernels' own per-element functions, so
-// machines without a GPU check the device code against the reference.
-BDM_API int bdm_multibasis_conv_host(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors);
+// The same computation on the CPU (host pointers, synchronous) through the kernels' own functions, so machines
+// without a GPU check the device code against the reference: BDM_CONV_SIMPLE / AUTO run the simple kernel's
+// per-output functions; BDM_CONV_TENSOR_CORE (act_bits 4, 8) runs the tensor-core kernel's phases block by block
+// with the mma emulated from the PTX ISA's fragment layout.
+BDM_API int bdm_multibasis_conv_host(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors,
+    int algo);
 
 #ifdef __cplusplus
 }

@@ -57,7 +57,7 @@ int32_t enqueue(FieldValues const& f, PluginTensorDesc const* in, void const* co
     ts.bias = static_cast<float const*>(inputs[3]);
     ts.act_step = static_cast<float const*>(inputs[4]);
     ts.y = static_cast<float*>(outputs[0]);
-    return bdm_multibasis_conv(&shape, &ts, workspace, workspaceBytes, stream);
+    return bdm_multibasis_conv(&shape, &ts, algoFromEnvironment(), workspace, workspaceBytes, stream);
 }
 
 std::string crossFieldRules(FieldValues const& f)

@@ -1,9 +1,11 @@
 """The MultiBasisConv kernels through their C ABI (bdm.plugins.kernels.multibasis_conv) against the op spec's NumPy
 reference (bdm.plugins.multibasis_reference), exact integer arithmetic, and BinaryDM's official layer goldens.
 
-Backends: "host" runs the device code's own functions on the CPU through the C ABI's host path (every machine with
-nvcc); "gpu" runs the CUDA kernels (skipped without a GPU) and must be bit-identical to "host": both evaluate the same
-functions with one IEEE float32 operation at a time and an exact integer dot product.
+Backends "<side>-<kernel>": side "host" runs the device code's own functions on the CPU through the C ABI's host path
+(every machine with nvcc): "host-simple" the straightforward kernel's per-output functions, "host-tensor_core" the
+tensor-core kernel's own phases block by block with the mma emulated from the PTX ISA fragment layout; side "gpu" runs
+the two CUDA kernels (skipped without a GPU). All four must be bit-identical: they share the quantizer and the
+epilogue, and the class dots are exact integers however they are summed.
 """
 
 import sys
@@ -20,7 +22,7 @@ from bdm.plugins import multibasis_reference as ref
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))  # shared golden helpers of the BinaryDM tests
 from binarydm_goldens import BOUND, LAYER_CASES, build_layer, golden  # noqa: E402
 
-BACKENDS = ["host", "gpu"]
+BACKENDS = ["host-simple", "host-tensor_core", "gpu-simple", "gpu-tensor_core"]
 # (spatial_dims, kernel_size, stride, padding, spatial shape): every form of the op, odd sizes, stride 2 with an
 # odd input (the last window is cut), padding wider than 1, a 1-D kernel over a short sequence
 FORMS = [
@@ -32,8 +34,10 @@ FORMS = [
     (1, 1, 1, 0, (6,)),
     (0, 1, 1, 0, ()),
 ]
-# (in_channels, out_channels): below, across and at multiples of 32
-CHANNELS = [(40, 24), (32, 33), (7, 5), (96, 16)]
+# (in_channels, out_channels): below, across and at multiples of 32, and across the tensor-core kernel's 64-channel
+# block edge (its 64-pixel edge: the 9 x 7 forms, batch 2); with 3 x 3 kernels K is never a whole number of its
+# 256-bit chunks
+CHANNELS = [(40, 24), (32, 33), (7, 5), (96, 16), (70, 80)]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def library(kernels_library):
 
 
 def on_backend(backend, array):
-    if backend == "host":
+    if backend.startswith("host"):
         return np.asarray(array)
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: the GPU kernels are checked on a machine with one")
@@ -71,7 +75,8 @@ def attributes(cin, cout, form, num_bases, act_bits):
 
 
 def run(library, backend, inputs, attrs):
-    return to_numpy(kernels.multibasis_conv(*(on_backend(backend, a) for a in inputs), library=library, **attrs))
+    return to_numpy(kernels.multibasis_conv(*(on_backend(backend, a) for a in inputs), algo=backend.split("-", 1)[1],
+                                            library=library, **attrs))
 
 
 def assert_conforms(ours, expected, what):
@@ -89,19 +94,24 @@ def test_host_path_conforms_to_the_spec_reference(library, form, num_bases, act_
     for cin, cout in CHANNELS:
         inputs = random_case(cin, cout, form, num_bases, seed=cin * 100 + cout)
         attrs = attributes(cin, cout, form, num_bases, act_bits)
-        assert_conforms(run(library, "host", inputs, attrs), ref.multibasis_conv(*inputs, **attrs),
+        assert_conforms(run(library, "host-simple", inputs, attrs), ref.multibasis_conv(*inputs, **attrs),
                         f"cin {cin} cout {cout}")
 
 
 @pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize("num_bases", [1, 2])
 @pytest.mark.parametrize("form", FORMS, ids=lambda f: "d{}_k{}_s{}_p{}".format(*f[:4]))
-def test_gpu_kernels_equal_the_host_path_bit_for_bit(library, form, act_bits):
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_every_kernel_equals_the_simple_host_path_bit_for_bit(library, backend, form, num_bases, act_bits):
+    """The tensor-core kernel (emulated on the host, native on a GPU) and the GPU simple kernel against the host's
+    simple kernel, which conforms to the reference (above). act_bits 0 runs the float32 kernel whatever algo says."""
     for cin, cout in CHANNELS:
-        inputs = random_case(cin, cout, form, 2, seed=cin + cout)
-        attrs = attributes(cin, cout, form, 2, act_bits)
-        gpu = run(library, "gpu", inputs, attrs)
-        host = run(library, "host", inputs, attrs)
-        assert gpu.tobytes() == host.tobytes(), f"cin {cin} cout {cout}: {int((gpu != host).sum())} elements differ"
+        inputs = random_case(cin, cout, form, num_bases, seed=cin + cout)
+        attrs = attributes(cin, cout, form, num_bases, act_bits)
+        ours = run(library, backend, inputs, attrs)
+        simple = run(library, "host-simple", inputs, attrs)
+        assert ours.tobytes() == simple.tobytes(), (f"cin {cin} cout {cout}: {int((ours != simple).sum())} of "
+                                                    f"{ours.size} elements differ")
 
 
 def unit_step_case(bits, numel):
@@ -155,10 +165,12 @@ def test_arguments_outside_the_spec_are_refused(library):
     form = (2, 3, 1, 1, (9, 7))
     inputs = random_case(40, 24, form, 2, seed=1)
     with pytest.raises(BdmError, match="invalid argument"):
-        run(library, "host", inputs, dict(attributes(40, 24, form, 2, 4), act_bits=3))
+        run(library, "host-simple", inputs, dict(attributes(40, 24, form, 2, 4), act_bits=3))
     with pytest.raises(BdmError, match="invalid argument"):  # stride 2 is conv2d only
-        run(library, "host", random_case(40, 24, FORMS[4], 2, seed=1), dict(attributes(40, 24, FORMS[4], 2, 4),
+        run(library, "host-simple", random_case(40, 24, FORMS[4], 2, seed=1), dict(attributes(40, 24, FORMS[4], 2, 4),
                                                                              stride=2))
+    with pytest.raises(BdmError, match="algo must be one of auto, simple, tensor_core, got 'fastest'"):
+        run(library, "host-fastest", inputs, attributes(40, 24, form, 2, 4))
     with pytest.raises(BdmError, match="float32 x"):
         kernels.multibasis_conv(inputs[0].astype(np.float16), *inputs[1:], library=library,
                                 **attributes(40, 24, form, 2, 4))
@@ -193,12 +205,12 @@ def test_every_binarydm_layer_golden(library, bdm_ref, backend, case):
         assert_conforms(ours, arrays[key].numpy().astype(np.float64), f"{case} {mode}")
 
 
-@pytest.mark.parametrize("backend", ["gpu"])
+@pytest.mark.parametrize("backend", ["gpu-simple", "gpu-tensor_core"])
 def test_kernels_are_cuda_graph_capture_safe(library, backend):
     """No allocation, synchronisation or host read of act_step: a captured graph replays with a new step."""
     form = (2, 3, 1, 1, (9, 7))
     x, weight, scale, bias, act_step = (on_backend(backend, a) for a in random_case(40, 24, form, 2, seed=3))
-    attrs = attributes(40, 24, form, 2, 4)
+    attrs = dict(attributes(40, 24, form, 2, 4), algo=backend.split("-", 1)[1])
     kernels.multibasis_conv(x, weight, scale, bias, act_step, library=library, **attrs)  # warm-up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -208,7 +220,8 @@ def test_kernels_are_cuda_graph_capture_safe(library, backend):
         act_step.fill_(step)
         graph.replay()
         torch.cuda.synchronize()
-        expected = ref.multibasis_conv(*(to_numpy(a) for a in (x, weight, scale, bias, act_step)), **attrs)
+        expected = ref.multibasis_conv(*(to_numpy(a) for a in (x, weight, scale, bias, act_step)),
+                                       **attributes(40, 24, form, 2, 4))
         assert_conforms(to_numpy(y), expected.astype(np.float64), f"replay step {step}")
 
 
@@ -217,8 +230,8 @@ def test_kernels_are_cuda_graph_capture_safe(library, backend):
 SPATIAL_DIMS = {"conv2d": 2, "conv1d": 1, "linear": 0}
 
 
-def layer_through_kernel(library, layer, x):
-    """The node the exporter writes for `layer` (static: stored step; dynamic: 2*mean|x|/sqrt(Qp)), on the host path.
+def layer_through_kernel(library, backend, layer, x):
+    """The node the exporter writes for `layer` (static: stored step; dynamic: 2*mean|x|/sqrt(Qp)), on a host backend.
     Returns y and the step the node's quantizer used (None at act_bits 0)."""
     from bdm.export.binarydm_layers import act_range, dynamic_step, effective_step
 
@@ -226,7 +239,7 @@ def layer_through_kernel(library, layer, x):
     spatial_dims = SPATIAL_DIMS[view.kind]
     bits = view.act_bits or 0
     act_step = dynamic_step(x, act_range(bits)[1]) if bits and layer.mode == "dynamic" else view.act_step
-    y = run(library, "host", (x.numpy(), view.packed_signs.numpy(), view.scales.numpy(), view.bias.numpy(),
+    y = run(library, backend, (x.numpy(), view.packed_signs.numpy(), view.scales.numpy(), view.bias.numpy(),
                               act_step.numpy()),
             dict(in_channels=layer.in_channels, out_channels=layer.out_channels, num_bases=view.order,
                  spatial_dims=spatial_dims, kernel_size=view.weight_shape[2] if spatial_dims else 1,
@@ -265,8 +278,11 @@ def run_unet(model, arrays, i, hook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["static", "dynamic", "w1a32"])
-def test_golden_unet_through_the_kernels(library, golden_unet, mode):
+# the tensor-core kernel quantizes; at act_bits 0 (w1a32) every algo runs the simple kernel
+@pytest.mark.parametrize("backend, mode", [("host-simple", "static"), ("host-simple", "dynamic"),
+                                           ("host-simple", "w1a32"), ("host-tensor_core", "static"),
+                                           ("host-tensor_core", "dynamic")])
+def test_golden_unet_through_the_kernels(library, golden_unet, backend, mode):
     """Teacher-forced (each layer's own PyTorch input): every layer within the spec bound of PyTorch, every mode
     and timestep. Free-running (the kernels feed each other): w1a32 is well conditioned and must meet the bound on
     eps; W1A4 is chaotic, so where eps departs, the first layer whose activation codes differ must differ only by
@@ -277,7 +293,7 @@ def test_golden_unet_through_the_kernels(library, golden_unet, mode):
     set_mode(model, mode)
     for i, t in enumerate(arrays["timesteps"]):
         def teacher_forced(path, layer, x, y):
-            ours, _ = layer_through_kernel(library, layer, x)
+            ours, _ = layer_through_kernel(library, backend, layer, x)
             assert_conforms(ours.numpy(), y.numpy().astype(np.float64), f"{mode} t={int(t[0])} {path}")
 
         expected = run_unet(model, arrays, i, teacher_forced)
@@ -285,7 +301,7 @@ def test_golden_unet_through_the_kernels(library, golden_unet, mode):
         run_unet(model, arrays, i, lambda path, layer, x, y: torch_inputs.append((path, x)))
 
         def free(path, layer, x, y):
-            ours, step = layer_through_kernel(library, layer, x)
+            ours, step = layer_through_kernel(library, backend, layer, x)
             kernel_inputs.append((path, x, step, act_range(layer.act_bits) if step is not None else None))
             return ours
 

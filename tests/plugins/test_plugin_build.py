@@ -49,7 +49,24 @@ def test_kernels_contain_sass_for_every_architecture_and_ptx(kernels_library):
     assert ptx_archs == {PTX_ARCH}, ptx.stdout
 
 
-def test_tensor_core_kernel_is_native_bmma_on_every_architecture(kernels_library):
+# One BMMA.168256.AND.POPC per mma of a K chunk (2 m-tiles x 4 n-tiles per warp, unrolled): the binary conv
+# multiplies 2 sign bit-planes, MultiBasisConv act_bits code bit-planes by 1 operand (one basis) or 3 (two bases).
+BMMA_PER_KERNEL = {"binary_conv float": 16, "binary_conv half": 16, "multibasis_conv A4 1 basis": 32,
+                   "multibasis_conv A4 2 bases": 96, "multibasis_conv A8 1 basis": 64,
+                   "multibasis_conv A8 2 bases": 192}
+
+
+def kernel_label(mangled):
+    binary = re.search(r"bdm2tc20tensorCoreConvKernelI(f|6__half)E", mangled)
+    if binary:
+        return f"binary_conv {'float' if binary[1] == 'f' else 'half'}"
+    multibasis = re.search(r"bdm2mb2tc.*tensorCoreConvKernelILi(\d)ELi(\d)E", mangled)
+    if multibasis:
+        return f"multibasis_conv A{multibasis[1]} {multibasis[2]} {'basis' if multibasis[2] == '1' else 'bases'}"
+    return mangled
+
+
+def test_tensor_core_kernels_are_native_bmma_on_every_architecture(kernels_library):
     cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
     if cuobjdump is None or nvdisasm is None:
         pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
@@ -57,8 +74,10 @@ def test_tensor_core_kernel_is_native_bmma_on_every_architecture(kernels_library
     for arch in SASS_ARCHS:
         sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(kernels_library)], capture_output=True,
                               text=True, check=True, env=env).stdout
-        # 2 activation dtypes x (2 m-tiles x 4 n-tiles x 2 bit-planes) mma per k-chunk, each one instruction
-        assert sass.count("BMMA.168256.AND.POPC") == 32, arch
+        sections = re.split(r"Function : (\S+)", sass)[1:]
+        counts = {kernel_label(name): body.count("BMMA.168256.AND.POPC")
+                  for name, body in zip(sections[::2], sections[1::2]) if "BMMA" in body}
+        assert counts == BMMA_PER_KERNEL, arch
         assert "XOR.POPC" not in sass, arch
 
 
