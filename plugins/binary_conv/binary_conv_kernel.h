@@ -43,19 +43,13 @@ typedef struct bdm_binary_conv_tensors
     void* y;                 // [N, Cout, H, W], dtype of x
 } bdm_binary_conv_tensors;
 
-// Which kernel computes the convolution. Both are exact; AUTO picks the tensor-core one where the
-// shape fills its tiles (in_channels * k * k >= 256 and out_channels >= 16).
-enum bdm_binary_conv_algo
-{
-    BDM_CONV_AUTO = 0,
-    BDM_CONV_SIMPLE = 1,      // one thread per output, AND + popcount on CUDA cores
-    BDM_CONV_TENSOR_CORE = 2  // mma.sync m16n8k256 b1 AND.POPC (sm_80+)
-};
 
 // Bytes of device workspace bdm_binary_conv2d needs: the two packed bit-planes of the sign map.
 BDM_API size_t bdm_binary_conv_workspace_size(bdm_binary_conv_shape const* shape);
 
 // Enqueue the op on `stream`. Capture safe: no allocation, no synchronisation, no host read of device data.
+// algo (bdm_conv_algo): both kernels are exact; AUTO picks the tensor cores where the shape fills their tiles
+// (in_channels * k * k >= 256 and out_channels >= 16).
 BDM_API int bdm_binary_conv2d(bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype,
     int algo, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

@@ -146,11 +146,12 @@ __device__ inline void multiplyChunk(Tile const& tile, int warp, int lane, Accum
 }
 #endif
 
-// Accumulator element r of tile (mt, nt) of this lane is output (row, col) of the block tile:
-// rows grp / grp+8 for r < 2 / r >= 2, columns 2tig / 2tig+1 for even / odd r.
-template <typename T>
-__host__ __device__ inline void epilogue(Tile const& tile, bdm_binary_conv_tensors const& ts, ConvGeometry const& geo,
-    int group, long long m0, int n0, int warp, int lane, Accumulators const& acc)
+// Accumulator element r of tile (mt, nt) of this lane is output (row, col) of the block tile: rows grp / grp+8
+// for r < 2 / r >= 2, columns 2tig / 2tig+1 for even / odd r. For each of the lane's rows, startRow(row) says
+// whether the row is in the output (and may set up per-row state); then visit(mt, nt, r, col) runs for its
+// elements. Shared by every tensor-core kernel's epilogue.
+template <typename StartRow, typename Visit>
+__host__ __device__ inline void forEachAccumulator(int warp, int lane, StartRow startRow, Visit visit)
 {
     int const grp = lane >> 2;
     int const tig = lane & 3;
@@ -160,32 +161,51 @@ BDM_UNROLL
 BDM_UNROLL
         for (int rowHalf = 0; rowHalf < 2; ++rowHalf)
         {
-            int const row = warpRow(warp) + mt * 16 + grp + rowHalf * 8;
-            long long const pixel = m0 + row;
-            if (pixel >= geo.pixels)
+            if (!startRow(warpRow(warp) + mt * 16 + grp + rowHalf * 8))
             {
                 continue;
             }
-            PixelCoord const at = pixelCoord(geo, pixel);
-            int const sumPos = tile.rowPos[0][row] + tile.rowPos[1][row];
-            int const sumNonzero = tile.rowNonzero[0][row] + tile.rowNonzero[1][row];
 BDM_UNROLL
             for (int nt = 0; nt < kNTiles; ++nt)
             {
 BDM_UNROLL
                 for (int colOdd = 0; colOdd < 2; ++colOdd)
                 {
-                    int const o = n0 + warpCol(warp) + nt * 8 + tig * 2 + colOdd;
-                    int const r = rowHalf * 2 + colOdd;
-                    if (o < geo.outChannels)
-                    {
-                        int const dot = dotFromCounts(acc.pos[mt][nt][r], acc.nonzero[mt][nt][r], sumPos, sumNonzero);
-                        storeOutput<T>(ts, geo, group, at, o, dot);
-                    }
+                    visit(mt, nt, rowHalf * 2 + colOdd, warpCol(warp) + nt * 8 + tig * 2 + colOdd);
                 }
             }
         }
     }
+}
+
+template <typename T>
+__host__ __device__ inline void epilogue(Tile const& tile, bdm_binary_conv_tensors const& ts, ConvGeometry const& geo,
+    int group, long long m0, int n0, int warp, int lane, Accumulators const& acc)
+{
+    PixelCoord at{};
+    int sumPos = 0;
+    int sumNonzero = 0;
+    forEachAccumulator(
+        warp, lane,
+        [&](int row) {
+            long long const pixel = m0 + row;
+            if (pixel >= geo.pixels)
+            {
+                return false;
+            }
+            at = pixelCoord(geo, pixel);
+            sumPos = tile.rowPos[0][row] + tile.rowPos[1][row];
+            sumNonzero = tile.rowNonzero[0][row] + tile.rowNonzero[1][row];
+            return true;
+        },
+        [&](int mt, int nt, int r, int col) {
+            int const o = n0 + col;
+            if (o < geo.outChannels)
+            {
+                int const dot = dotFromCounts(acc.pos[mt][nt][r], acc.nonzero[mt][nt][r], sumPos, sumNonzero);
+                storeOutput<T>(ts, geo, group, at, o, dot);
+            }
+        });
 }
 
 // The whole launch on the CPU, block by block, with the mma emulated from the PTX ISA layout (host only).

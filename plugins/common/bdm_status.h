@@ -1,4 +1,4 @@
-// Status codes and dtype codes of the bdm kernels' C ABI (shared by every op's launcher).
+// Status, dtype and kernel-choice codes of the bdm kernels' C ABI (shared by every op's launcher).
 #pragma once
 
 // The C ABI is the only thing libbdm_kernels.so exports (everything else is built with hidden visibility).
@@ -13,6 +13,15 @@ enum bdm_dtype
 {
     BDM_FLOAT32 = 0,
     BDM_FLOAT16 = 1
+};
+
+// Which kernel computes a convolution (binary conv, MultiBasisConv). All are exact; AUTO picks the tensor-core
+// one where the shape fills its tiles (each op's header says when).
+enum bdm_conv_algo
+{
+    BDM_CONV_AUTO = 0,
+    BDM_CONV_SIMPLE = 1,      // one thread per output, AND + popcount on CUDA cores
+    BDM_CONV_TENSOR_CORE = 2  // mma.sync m16n8k256 b1 AND.POPC (sm_80+)
 };
 
 // 0: success; negative: rejected before any launch; positive: the cudaError_t of the launch.

@@ -1,6 +1,5 @@
 #include "plugin_base.h"
 
-#include "../binary_conv/binary_conv_kernel.h"
 #include "bdm_status.h"
 
 #include <cstdlib>

@@ -154,7 +154,7 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-// BDM_BINARY_CONV_ALGO = auto | simple | tensor_core: the kernel (a bdm_binary_conv_algo value) of the binary conv
+// BDM_BINARY_CONV_ALGO = auto | simple | tensor_core: the kernel (a bdm_conv_algo value) of the binary conv
 // ops and MultiBasisConv, read once per process. Every choice is exact, so it is a switch for testing and
 // benchmarking, not an attribute of the model; anything else warns and gives auto.
 int algoFromEnvironment();

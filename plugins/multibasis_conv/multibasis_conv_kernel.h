@@ -3,7 +3,6 @@
 // benchmarks all call these functions.
 #pragma once
 
-#include "../binary_conv/binary_conv_kernel.h" // bdm_binary_conv_algo: the same kernel choice for this op
 #include "../common/bdm_status.h"
 
 #include <cuda_runtime_api.h>
@@ -50,7 +49,7 @@ BDM_API int32_t bdm_multibasis_conv_out_size(int32_t length, int32_t kernel_size
 BDM_API size_t bdm_multibasis_conv_workspace_size(bdm_multibasis_conv_shape const* shape);
 
 // Enqueue the op on `stream`. Capture safe: no allocation, no synchronisation, no host read of device data.
-// algo (bdm_binary_conv_algo): BDM_CONV_SIMPLE runs one thread per output on CUDA cores, BDM_CONV_TENSOR_CORE the
+// algo (bdm_conv_algo): BDM_CONV_SIMPLE runs one thread per output on CUDA cores, BDM_CONV_TENSOR_CORE the
 // mma.sync m16n8k256 b1 AND.POPC kernel (sm_80+), BDM_CONV_AUTO the tensor cores where the shape fills their tiles
 // (taps * in_channels rounded up to 32 >= 256 and out_channels >= 16). Both give bit-identical results; act_bits 0
 // (float32 arithmetic) always runs the simple kernel.

@@ -214,47 +214,35 @@ __host__ __device__ inline ClassDots classDots(int same, int diff, int rowCount)
     return d;
 }
 
-// Accumulator element r of tile (mt, nt) of this lane is output (row, col) of the block tile:
-// rows grp / grp+8 for r < 2 / r >= 2, columns 2tig / 2tig+1 for even / odd r.
+// The outputs of this lane's accumulators (::bdm::tc::forEachAccumulator has the fragment layout).
 template <int Bits, int Bases>
 __host__ __device__ inline void epilogue(Tile<Bits, Bases> const& tile, bdm_multibasis_conv_tensors const& ts,
     Geometry const& geo, long long m0, int n0, int warp, int lane, Accumulators const& acc)
 {
-    int const grp = lane >> 2;
-    int const tig = lane & 3;
     float const step = activationStep(ts.act_step[0], geo.gradScale);
-BDM_UNROLL
-    for (int mt = 0; mt < kMTiles; ++mt)
-    {
-BDM_UNROLL
-        for (int rowHalf = 0; rowHalf < 2; ++rowHalf)
-        {
-            int const row = warpRow(warp) + mt * 16 + grp + rowHalf * 8;
+    OutCoord at{};
+    int rowCount = 0;
+    ::bdm::tc::forEachAccumulator(
+        warp, lane,
+        [&](int row) {
             long long const outPixel = m0 + row;
             if (outPixel >= geo.outPixels)
             {
-                continue;
+                return false;
             }
-            OutCoord const at = outCoord(geo, outPixel);
-            int const rowCount = tile.rowCount[0][row] + tile.rowCount[1][row];
-BDM_UNROLL
-            for (int nt = 0; nt < kNTiles; ++nt)
+            at = outCoord(geo, outPixel);
+            rowCount = tile.rowCount[0][row] + tile.rowCount[1][row];
+            return true;
+        },
+        [&](int mt, int nt, int r, int col) {
+            int const o = n0 + col;
+            if (o < geo.outChannels)
             {
-BDM_UNROLL
-                for (int colOdd = 0; colOdd < 2; ++colOdd)
-                {
-                    int const o = n0 + warpCol(warp) + nt * 8 + tig * 2 + colOdd;
-                    int const r = rowHalf * 2 + colOdd;
-                    if (o < geo.outChannels)
-                    {
-                        ClassDots const d = classDots<Bases>(acc.same[mt][nt][r], acc.diff[mt][nt][r], rowCount);
-                        ClassValues const v = classValues(ts.scale, geo, o);
-                        storeOutput(ts, geo, at, o, outputQuantized(d, v, step, ts.bias[o]));
-                    }
-                }
+                ClassDots const d = classDots<Bases>(acc.same[mt][nt][r], acc.diff[mt][nt][r], rowCount);
+                ClassValues const v = classValues(ts.scale, geo, o);
+                storeOutput(ts, geo, at, o, outputQuantized(d, v, step, ts.bias[o]));
             }
-        }
-    }
+        });
 }
 
 // The whole launch on the CPU, block by block, with the mma emulated from the PTX ISA layout (host only).
