@@ -5,8 +5,9 @@ spec's NumPy reference, printing the errors the tests only bound.
 
 Rows: every layer golden of shared/reference/binarydm in static, dynamic and w1a32 mode, then random layers of
 every form (conv2d k3 / k3 stride 2 / k1, conv1d, linear; 1 and 2 bases; act_bits 0, 4, 8) against the reference.
-Columns: max|y - y_ref| / max|y_ref| of each backend here: the C ABI's host path (the device code on the CPU) and,
-with a CUDA GPU, the kernels (plus whether they equal the host path bit for bit). The spec's bound is 1e-5.
+Columns: max|y - y_ref| / max|y_ref| of each kernel (simple, tensor_core) on each side here: the C ABI's host path
+(the device code on the CPU, the tensor cores' mma emulated) and, with a CUDA GPU, the kernels (plus whether both
+equal the host path bit for bit). The spec's bound is 1e-5.
 """
 
 import argparse
@@ -76,22 +77,28 @@ def random_layer(form, num_bases, act_bits, seed, cin=72, cout=48):
 
 
 def run_backends(inputs, attrs, library, gpu: bool):
-    """{backend: y} for the host path and, with a GPU, the kernels."""
+    """{backend: y}: both kernels on the host path (the tensor-core one with the mma emulated) and, with a GPU,
+    on the GPU. act_bits 0 has only the float kernel (the tensor-core choice falls back to it)."""
     from bdm.plugins import kernels
 
-    out = {"host": kernels.multibasis_conv(*inputs, library=library, **attrs)}
-    if gpu:
-        import torch
+    out = {}
+    for side in ("host", "gpu") if gpu else ("host",):
+        for algo in ("simple", "tensor_core"):
+            args = inputs
+            if side == "gpu":
+                import torch
 
-        y = kernels.multibasis_conv(*(torch.as_tensor(a).cuda() for a in inputs), library=library, **attrs)
-        out["gpu"] = y.cpu().numpy()
+                args = tuple(torch.as_tensor(a).cuda() for a in inputs)
+            y = kernels.multibasis_conv(*args, library=library, algo=algo, **attrs)
+            out[f"{side}-{algo}"] = y if side == "host" else y.cpu().numpy()
     return out
 
 
 def row(label, backends, expected):
-    text = f"{label:<44}" + "".join(f"{relative(y, expected):>12.2e}" for y in backends.values())
-    if "gpu" in backends:
-        text += f"{'yes' if backends['gpu'].tobytes() == backends['host'].tobytes() else 'NO':>8}"
+    text = f"{label:<44}" + "".join(f"{relative(y, expected):>17.2e}" for y in backends.values())
+    if "gpu-simple" in backends:
+        same = all(backends[f"gpu-{a}"].tobytes() == backends[f"host-{a}"].tobytes() for a in ("simple", "tensor_core"))
+        text += f"{'yes' if same else 'NO':>10}"
     return text
 
 
@@ -107,7 +114,9 @@ def main(argv=None):
         import torch
 
         gpu = torch.cuda.is_available()
-        header = f"{'case':<44}{'host':>12}" + (f"{'gpu':>12}{'gpu==host':>8}" if gpu else "")
+        sides = ("host", "gpu") if gpu else ("host",)
+        header = f"{'case':<44}" + "".join(f"{s + '-' + a:>17}" for s in sides for a in ("simple", "tensor_core"))
+        header += f"{'gpu==host':>10}" if gpu else ''
         print(f"MultiBasisConv kernels: max|y - y_ref| / max|y_ref| (spec bound 1e-5); "
               f"{'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU: host path only'}")
         print(header)
