@@ -2,6 +2,7 @@
 
 #include "bdm_status.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -259,6 +260,13 @@ bool Plugin::checkInputDims(Dims const* dims, int32_t nbInputs) const
             logMessage(Severity::kERROR, s.str());
             return false;
         }
+    }
+    bool const xKnown = std::all_of(dims[0].d, dims[0].d + dims[0].nbDims, [](int64_t d) { return d >= 0; });
+    std::string const error = mOp.checkInputShape && xKnown ? mOp.checkInputShape(mFields, dims[0]) : std::string();
+    if (!error.empty())
+    {
+        logMessage(Severity::kERROR, pluginLabel(mOp) + ": x has dims " + formatDims(dims[0]) + ": " + error);
+        return false;
     }
     return true;
 }

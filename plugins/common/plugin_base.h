@@ -78,6 +78,8 @@ struct OpDescriptor
     // x's spatial dims. Called only when x has the rank inputDims expects.
     void (*outputSpatialDims)(FieldValues const& f, nvinfer1::IExprBuilder& exprBuilder, nvinfer1::DimsExprs& y)
         = nullptr;
+    // Optional: an error text when x's known dims (rank already checked) give no valid output, else empty.
+    std::string (*checkInputShape)(FieldValues const& f, nvinfer1::Dims const& x) = nullptr;
 };
 
 constexpr char const* kPluginNamespace = "bdm"; // plugins/common.yaml plugin_namespace

@@ -89,6 +89,22 @@ std::vector<std::vector<int64_t>> inputDims(FieldValues const& f)
 }
 
 // Every spatial axis: floor((L + 2*padding - kernel_size) / stride) + 1.
+// A spatial axis shorter than the kernel (after padding) has no output position.
+std::string checkInputShape(FieldValues const& f, Dims const& x)
+{
+    for (int32_t axis = 2; axis < x.nbDims; ++axis)
+    {
+        if (bdm_multibasis_conv_out_size(static_cast<int32_t>(x.d[axis]), f.get("kernel_size"), f.get("stride"),
+                f.get("padding"))
+            < 1)
+        {
+            return "spatial axis " + std::to_string(axis) + " is shorter than kernel_size " + std::to_string(f.get("kernel_size"))
+                + " after padding " + std::to_string(f.get("padding")) + " on both sides: no output position";
+        }
+    }
+    return {};
+}
+
 void outputSpatialDims(FieldValues const& f, IExprBuilder& b, DimsExprs& y)
 {
     IDimensionExpr const* const span = b.constant(2 * int64_t{f.get("padding")} - f.get("kernel_size"));
@@ -119,6 +135,7 @@ OpDescriptor const& multibasisConvDescriptor()
         workspaceSize,
         enqueue,
         outputSpatialDims,
+        checkInputShape,
     };
     return op;
 }

@@ -161,6 +161,16 @@ def test_multibasis_conv_output_shape_and_workspace(adapter_build, fields, out_s
     assert report["workspace_bytes"] == SIZES["N"] * pixels * math.ceil(40 / 32) * planes * 4
 
 
+def test_multibasis_conv_refuses_x_shorter_than_its_kernel(adapter_build):
+    """H x W = 9 x 7 with kernel 9, no padding: H gives one output row, W none; refused where TensorRT first knows
+    the dims (configurePlugin), not at enqueue."""
+    build, _ = adapter_build
+    report, rc = run_harness(build, "MultiBasisConv", dict(required_fields("MultiBasisConv"), kernel_size=9))
+    assert report["created"] and rc == 1 and not report["checks"]["configure_accepts_given_dims"]
+    assert any("x has dims [2, 40, 9, 7]: spatial axis 3 is shorter than kernel_size 9 after padding 0" in line
+               for line in report["log"]), report["log"]
+
+
 def test_workspace_holds_both_sign_bit_planes(adapter_build):
     build, _ = adapter_build
     report, _ = run_harness(build, "BinaryConv2d", required_fields("BinaryConv2d"))
