@@ -208,7 +208,7 @@ def test_biconv_matches_its_definition(kernel_size):
             p.normal_()
     x = torch.randn(2, 16, 6, 7)
     tables = {k: v.double().numpy() for k, v in conv.group_tables().items()}
-    x[0, 3, 2, 2] = -float(conv.TaR["dynamic_move_1"].bias[0, 3, 0, 0])  # an exact 0 before the sign (t=500: group 1)
+    x[0, 3, 2, 2] = -conv.TaR["dynamic_move_1"].bias[0, 3, 0, 0].item()  # an exact 0 before the sign (t=500: group 1)
     for t in (0, 500, 1999):
         g = t // 400
         with torch.no_grad():
