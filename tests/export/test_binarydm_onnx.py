@@ -274,3 +274,14 @@ def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path
         assert case.worst_layer[0] == "output_blocks.3.0.in_layers.2" and case.worst_layer[1] > 1e-3
     else:
         assert case.worst_layer[1] <= 1e-5 and case.forced_rel > 1e-5
+
+
+def test_report_with_an_engine_case_that_misses_the_bound():
+    """An engine case has no forced-codes diagnosis: the report fails and its summary names the worst error (the
+    chaotic-mode details cover ONNX Runtime's diagnosed cases only)."""
+    ort = binarydm_validate.CaseResult(999, 2e-7, True, layers=3, worst_layer=("out.2", 1e-7))
+    engine = binarydm_validate.CaseResult(999, 3e-2, False, "tensorrt", note="no per-layer values from an engine")
+    report = binarydm_validate.ValidationReport(tolerance=1e-5, cases=[ort, engine], mode="static")
+    assert not report.passed
+    assert report.summary() == "worst error 3.0e-02 * max|eps| (bound 1e-05) over 2 cases"
+    assert engine.line(1e-5).startswith("   tensorrt t=999") and engine.line(1e-5).endswith("FAIL")
