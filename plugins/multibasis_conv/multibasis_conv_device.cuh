@@ -233,5 +233,17 @@ __host__ __device__ inline float outputFloat(float const* x, int32_t const* weig
     return addRn(bias, acc);
 }
 
+// The simple kernel's whole work for one output (pixel `at`, channel o): quantized or float32 path, then the store.
+__host__ __device__ inline void simpleOutput(bdm_multibasis_conv_tensors const& ts, Geometry const& geo,
+    uint32_t const* planes, OutCoord const& at, int o)
+{
+    ClassValues const v = classValues(ts.scale, geo, o);
+    float const y = geo.actBits
+        ? outputQuantized(dotQuantized(planes, ts.weight, geo, at, o), v, activationStep(ts.act_step[0], geo.gradScale),
+            ts.bias[o])
+        : outputFloat(ts.x, ts.weight, v, ts.bias[o], geo, at, o);
+    storeOutput(ts, geo, at, o, y);
+}
+
 } // namespace mb
 } // namespace bdm

@@ -106,18 +106,11 @@ __global__ void quantizeKernel(bdm_multibasis_conv_tensors ts, Geometry geo, uin
 __global__ void convKernel(bdm_multibasis_conv_tensors ts, Geometry geo, uint32_t const* planes)
 {
     long long const outPixel = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    int const o = blockIdx.y;
     if (outPixel >= geo.outPixels)
     {
         return;
     }
-    OutCoord const at = outCoord(geo, outPixel);
-    ClassValues const v = classValues(ts.scale, geo, o);
-    float const y = geo.actBits
-        ? outputQuantized(dotQuantized(planes, ts.weight, geo, at, o), v, activationStep(ts.act_step[0], geo.gradScale),
-            ts.bias[o])
-        : outputFloat(ts.x, ts.weight, v, ts.bias[o], geo, at, o);
-    storeOutput(ts, geo, at, o, y);
+    simpleOutput(ts, geo, planes, outCoord(geo, outPixel), blockIdx.y);
 }
 
 // The tensor cores serve the quantized path only (act_bits 0 is float32 arithmetic); AUTO takes them where the
@@ -152,12 +145,7 @@ void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo, int alg
         OutCoord const at = outCoord(geo, outPixel);
         for (int o = 0; o < geo.outChannels; ++o)
         {
-            ClassValues const v = classValues(ts.scale, geo, o);
-            float const y = geo.actBits
-                ? outputQuantized(dotQuantized(planes.data(), ts.weight, geo, at, o), v,
-                    activationStep(ts.act_step[0], geo.gradScale), ts.bias[o])
-                : outputFloat(ts.x, ts.weight, v, ts.bias[o], geo, at, o);
-            storeOutput(ts, geo, at, o, y);
+            simpleOutput(ts, geo, planes.data(), at, o);
         }
     }
 }
