@@ -69,7 +69,7 @@ def _onnxruntime_line() -> str:
 
 def _plugin_lines(trt) -> Tuple[List[str], Optional[Path]]:
     from bdm.plugins import build as plugin_build
-    from bdm.runtime.trt_backend import file_sha256
+    from bdm.files import file_sha256
 
     lines = []
     kernels = plugin_build.find_kernels_library()

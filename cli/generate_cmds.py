@@ -7,10 +7,8 @@ from typing import Optional
 
 import typer
 
+from bdm.contract import ACT_MODE_KEY, SAMPLING_KEY
 from bdm.errors import BdmError
-from bdm.runtime.backends import SAMPLING_METADATA
-
-MODE_METADATA = "bdm.act_mode"
 
 
 def _sampling_options(config: Optional[Path], runner) -> dict:
@@ -19,7 +17,7 @@ def _sampling_options(config: Optional[Path], runner) -> dict:
 
     if config is not None:
         return sampling_options(config)
-    recorded = getattr(runner, "metadata", {}).get(SAMPLING_METADATA)
+    recorded = getattr(runner, "metadata", {}).get(SAMPLING_KEY)
     if recorded is not None:
         return json.loads(recorded)
     if getattr(runner, "metadata", None) is not None:
@@ -36,7 +34,7 @@ def _set_mode(runner, mode: Optional[str]):
     if model is not None:
         set_mode(model, mode or "static")
     elif mode is not None:
-        recorded = getattr(runner, "metadata", {}).get(MODE_METADATA)
+        recorded = getattr(runner, "metadata", {}).get(ACT_MODE_KEY)
         if recorded != mode:
             raise BdmError(f"--mode {mode}: {runner.describe()} was exported in mode {recorded}; --mode applies to "
                            f"--ckpt (export again with `bdm export --act-mode {mode}` for this mode)")

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from bdm.contract import SCALE_KEY
 from bdm.errors import BdmError
 
 RELEASED_SCALE = 4  # the released BI-DiffSR checkpoint most users deploy is x4
@@ -88,7 +89,7 @@ def upscale(
     runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
     require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
     if scale is None:
-        scale = options.get("scale") or getattr(runner, "metadata", {}).get("bdm.scale")
+        scale = options.get("scale") or getattr(runner, "metadata", {}).get(SCALE_KEY)
         if scale is None:
             print(f"bdm: no --scale and no scale in the config; using x{RELEASED_SCALE} (the released model)",
                   file=sys.stderr)

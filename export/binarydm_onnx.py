@@ -40,10 +40,11 @@ from bdm.export.binarydm import BinaryDMUNet, binarized_layers, sampling_options
 from bdm.export.binarydm_layers import (MODES, ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range,
                                         dynamic_step, effective_step, set_mode)
 from bdm.export.multibasis_functions import act_quantize
-from bdm.export.onnx_export import (DEFAULT_OPSET, ExportSummary, check_no_binarized_weights, check_options,
-                                    check_output_path, finish_model, swapped_modules, write_validated)
+from bdm.contract import DEFAULT_OPSET
+from bdm.export.onnx_export import (ExportSummary, check_no_binarized_weights, check_options, finish_model,
+                                    swapped_modules, write_validated)
+from bdm.files import check_output_path, file_sha256
 from bdm.plugins.multibasis_reference import multibasis_conv
-from bdm.runtime.trt_backend import file_sha256
 
 OP_TYPE = "MultiBasisConv"
 INPUT_NAMES = ("x_t", "t")

@@ -343,7 +343,8 @@ def validate_file(model_path, onnx_model: onnx.ModelProto, meta: Dict[str, str],
     from bdm.export.binarydm_onnx import resolve_zero_signs
     from bdm.export.checkpoint import load_model
     from bdm.runtime.backends import trt_runner
-    from bdm.runtime.trt_backend import file_sha256, parse_nhw
+    from bdm.files import file_sha256
+    from bdm.runtime.trt_backend import parse_nhw
 
     network = config if config is not None else json.loads(meta["unet"])
     with warnings.catch_warnings():

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,12 +30,10 @@ from bdm.export import bidiffsr, functions
 from bdm.export.checkpoint import FAMILIES, find_zero_binary_weights, load_model
 from bdm.export.config import bidiffsr_network_g
 from bdm.plugins import packing, reference, spec
-from bdm.runtime.atomic import atomic_path
-from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME
-from bdm.runtime.trt_backend import file_sha256
+from bdm.contract import CONDITIONAL_INPUT_NAMES, DEFAULT_OPSET, OUTPUT_NAME
+from bdm.files import atomic_path, check_output_path, file_sha256
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-DEFAULT_OPSET = 17
 METADATA_PREFIX = "bdm."
 # What `bdm export` checks before it reports success: the last t of every group (group_rule of the spec), batch 2
 # (the second sample's t lies in another group), 32x32.
@@ -192,7 +189,7 @@ def _trace(model: nn.Module, dtype: torch.dtype, opset: int) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer notes
-        torch.onnx.export(model, (x_t, cond, t), buffer, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        torch.onnx.export(model, (x_t, cond, t), buffer, input_names=list(CONDITIONAL_INPUT_NAMES), output_names=[OUTPUT_NAME],
                           opset_version=opset, dynamo=False, do_constant_folding=True,
                           dynamic_axes={"x_t": spatial, "cond": spatial, "t": {0: "N"}, OUTPUT_NAME: spatial})
     return onnx.load_from_string(buffer.getvalue())
@@ -318,21 +315,6 @@ def census(onnx_model: onnx.ModelProto) -> Dict[str, int]:
         key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def check_output_path(path) -> Path:
-    """Fail before any work when the output cannot be written (the write itself is atomic anyway)."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise BdmError(f"cannot write {path}: it is a folder; give a file name such as {path / 'model.onnx'}")
-    if folder.exists() and not folder.is_dir():
-        raise BdmError(f"cannot write {path}: {folder} is a file, not a folder; choose another output path")
-    if not folder.is_dir():
-        raise BdmError(f"cannot write {path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BdmError(f"cannot write {path}: folder {folder} is not writable; choose another output path")
-    return path
 
 
 def _options_scale(config) -> Dict[str, str]:

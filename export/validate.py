@@ -36,7 +36,8 @@ from bdm.export.checkpoint import load_model
 from bdm.export.onnx_export import ParityReport, case_line, read_metadata, resolve_zero_weights
 from bdm.plugins import spec
 from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, TorchRunner, trt_runner
-from bdm.runtime.trt_backend import file_sha256, parse_nhw
+from bdm.files import file_sha256
+from bdm.runtime.trt_backend import parse_nhw
 
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 # A flip is rounding-level chaos only where |x + beta| is this small against the layer's largest |x + beta|:

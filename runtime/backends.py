@@ -33,12 +33,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from bdm.contract import CHECKPOINT_KEY, OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES
+from bdm.contract import CONDITIONAL_INPUT_NAMES as INPUT_NAMES  # every bdm input, in feed order
 from bdm.errors import BdmError
-
-INPUT_NAMES = ("x_t", "cond", "t")
-UNCONDITIONAL_INPUT_NAMES = ("x_t", "t")
-OUTPUT_NAME = "eps"
-SAMPLING_METADATA = "bdm.sampling"  # written by `bdm export` for an unconditional model: JSON of its sampling options
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,7 @@ class OrtRunner(Runner):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def describe(self) -> str:
-        source = self.metadata.get("bdm.checkpoint")
+        source = self.metadata.get(CHECKPOINT_KEY)
         return f"{self.name}, model {self.path}" + (f" (exported from checkpoint {source})" if source else "")
 
     def infer(self, feed: dict) -> dict:

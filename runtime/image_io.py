@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from bdm.errors import BdmError
-from bdm.runtime.atomic import atomic_path
+from bdm.files import atomic_path
 
 INPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"}
 OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif", "tif": ".tif"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bdm.errors import BdmError
-from bdm.runtime.atomic import atomic_path
+from bdm.files import atomic_path
 
 
 def draw_noise(seed: int, shape) -> np.ndarray:

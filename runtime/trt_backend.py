@@ -25,16 +25,14 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bdm.contract import OUTPUT_NAME, SAMPLING_KEY, SIDECAR_CACHE_KEY, SIDECAR_CHECKED, SIDECAR_FORMAT
 from bdm.errors import BdmError
-from bdm.runtime.atomic import atomic_path
-from bdm.runtime.backends import OUTPUT_NAME, SAMPLING_METADATA, Limits, Runner, model_input_names
+from bdm.files import atomic_path, file_sha256
+from bdm.runtime.backends import Limits, Runner, model_input_names
 from bdm.runtime.generate import GenerateSettings
 
-SIDECAR_FORMAT = 1
 INSTALL_TENSORRT = ("TensorRT is not installed: on a machine with an NVIDIA GPU and driver, "
                     "`pip install 'bdm[tensorrt]'` (the tensorrt wheel, 10.x or 11.x)")
-# Fields whose mismatch makes an engine unusable here, in the order they are reported.
-SIDECAR_CHECKED = ("tensorrt_version", "gpu_name", "compute_capability", "plugin_sha256", "onnx_sha256")
 
 Shape = Tuple[int, ...]
 NHW = Tuple[int, int, int]
@@ -89,7 +87,7 @@ def resolve_profile(shapes: Sequence[Optional[str]], image_size: Optional[int] =
 
 def recorded_image_size(metadata: Dict[str, str]) -> Optional[int]:
     """The image size `bdm export` recorded for an unconditional model (what bdm generate samples), or None."""
-    sampling = metadata.get(SAMPLING_METADATA)
+    sampling = metadata.get(SAMPLING_KEY)
     return int(json.loads(sampling)["image_size"]) if sampling else None
 
 
@@ -132,14 +130,6 @@ def profile_shapes(input_dims: Dict[str, Sequence[int]], min_nhw, opt_nhw, max_n
     return {name: {key: input_shape_for(name, dims, nhw)
                    for key, nhw in (("min", min_nhw), ("opt", opt_nhw), ("max", max_nhw))}
             for name, dims in input_dims.items()}
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sidecar_path(engine_path) -> Path:
@@ -210,7 +200,7 @@ def slug(text: str) -> str:
 def engine_cache_key(sidecar: dict) -> str:
     """Everything that changes the engine: model, plugin code, profile and dtype (GPU and TensorRT version
     are the cache folder)."""
-    relevant = {k: sidecar[k] for k in ("onnx_sha256", "plugin_sha256", "profile", "dtype", "workspace_mb")}
+    relevant = {k: sidecar[k] for k in SIDECAR_CACHE_KEY}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:24]
 
 
