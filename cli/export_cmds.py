@@ -40,7 +40,7 @@ def export(
 ):
     """Export a checkpoint to ONNX with bit-packed `bdm` custom ops and executable function bodies."""
     from bdm.export import inspect as inspection
-    from bdm.export.onnx_export import export_checkpoint
+    from bdm.export.bidiffsr.onnx_export import export_checkpoint
 
     done = export_checkpoint(ckpt, output, config=config, dtype=dtype, opset=opset, fused=fused,
                              validate=validate, zero_weight_sign=_zero_sign(zero_weight_sign), log=_err,
@@ -63,7 +63,7 @@ def validate(
     seed: int = typer.Option(0, help="Seed of the random inputs."),
 ):
     """Output parity between PyTorch, ONNX Runtime and (optionally) TensorRT, via Polygraphy's Comparator."""
-    from bdm.export.validate import validate_file
+    from bdm.export.bidiffsr.validate import validate_file
 
     report = validate_file(model, ckpt, config=config, engine=engine, plugins=plugins, shape=shape, seed=seed,
                            log=typer.echo)

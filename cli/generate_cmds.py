@@ -13,7 +13,7 @@ from bdm.errors import BdmError
 
 def _sampling_options(config: Optional[Path], runner) -> dict:
     """--config first, then what `bdm export` recorded in the model, then the released (bedrooms) config."""
-    from bdm.export.binarydm import sampling_options
+    from bdm.export.binarydm.network import sampling_options
 
     if config is not None:
         return sampling_options(config)
@@ -28,7 +28,7 @@ def _sampling_options(config: Optional[Path], runner) -> dict:
 
 def _set_mode(runner, mode: Optional[str]):
     """--mode applies to a checkpoint; an exported model carries the mode it was exported in."""
-    from bdm.export.binarydm_layers import set_mode
+    from bdm.export.binarydm.layers import set_mode
 
     model = getattr(runner, "model", None)
     if model is not None:

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 
 from bdm.errors import BdmError
-from bdm.export import functions
-from bdm.export.onnx_export import census, read_metadata
+from bdm.export.base import functions
+from bdm.export.bidiffsr.onnx_export import census, read_metadata
 
 # op -> input index of (packed sign bits, per-output-channel scales)
 _CONVS = {"BinaryConv2d": (2, 3), "BinarySignConv2d": (1, 2), "MultiBasisConv": (1, 2)}

@@ -38,7 +38,7 @@ def golden_layer(reference: Path, case: str):
 
     import torch
 
-    from bdm.export.binarydm_layers import act_range, dynamic_step, official_layer
+    from bdm.export.binarydm.layers import act_range, dynamic_step, official_layer
 
     meta = json.loads((reference / f"{case}.json").read_text())
     state = torch.load(reference / f"{case}.pt", weights_only=True)

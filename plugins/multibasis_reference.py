@@ -1,5 +1,5 @@
 """NumPy reference of `MultiBasisConv` (plugins/multibasis_conv/spec.yaml), written line by line from its
-`semantics`: the oracle for its ONNX function body (bdm.export.multibasis_functions), the BinaryDM exporter and a
+`semantics`: the oracle for its ONNX function body (bdm.export.base.multibasis_functions), the BinaryDM exporter and a
 future CUDA kernel. Registered in bdm.plugins.reference.OPS, so `reference.run("MultiBasisConv", ...)` works.
 
 The quantizer is float32, one IEEE operation at a time in the spec's order (NumPy float32 arrays and scalars never

@@ -1,5 +1,5 @@
 """NumPy reference of every `bdm` op, written line by line from the `semantics` of the specs
-(plugins/*/spec.yaml, plugins/common.yaml): the oracle for the ONNX function bodies (bdm.export.functions), the
+(plugins/*/spec.yaml, plugins/common.yaml): the oracle for the ONNX function bodies (bdm.export.base.functions), the
 exporter's stand-in modules and the CUDA kernels.
 
 Arithmetic as the spec says: the convolution is an exact integer dot product of the (padded) sign map with the

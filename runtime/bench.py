@@ -32,7 +32,7 @@ def released_model():
     """The released x4 network with random weights (default init, seed 0), in eval mode."""
     import torch
 
-    from bdm.export.bidiffsr import build_bidiffsr
+    from bdm.export.bidiffsr.network import build_bidiffsr
 
     torch.manual_seed(0)
     model = build_bidiffsr(None)

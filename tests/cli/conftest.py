@@ -7,7 +7,7 @@ import pytest
 def binarydm_onnx(bdm_ref, tmp_path_factory):
     """The BinaryDM UNet golden exported as `bdm export` writes it (static mode; its one sign-0 weight as +1),
     unvalidated: the export itself is tested in test_binarydm_export_cli."""
-    from bdm.export.binarydm_onnx import export_checkpoint
+    from bdm.export.binarydm.onnx_export import export_checkpoint
 
     case = "unet_cifar_like_w32"
     out = tmp_path_factory.mktemp("binarydm") / f"{case}.onnx"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bdm.export.binarydm import AttentionBlock, ResBlock, binarized_layers
-from bdm.export.binarydm_layers import QuantizedQKVAttention, official_layer
+from bdm.export.binarydm.network import AttentionBlock, ResBlock, binarized_layers
+from bdm.export.binarydm.layers import QuantizedQKVAttention, official_layer
 
 LAYER_CASES = ["conv3x3_s1_order2", "conv3x3_s2_order2", "conv1x1_order1", "conv1d_qkv_order2", "linear_emb_order2",
                "conv3x3_s1_order2_a8"]

@@ -13,7 +13,7 @@ import torch
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export.bidiffsr import (ARITHMETICS, BIConv, BIDiffSRUNet, biconvs, build_bidiffsr, first_sign_divergence,
+from bdm.export.bidiffsr.network import (ARITHMETICS, BIConv, BIDiffSRUNet, biconvs, build_bidiffsr, first_sign_divergence,
                                  set_arithmetic, sign_trace, timestep_group)
 from bdm.plugins.spec import group_index
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm_layers import (MODES, BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
+from bdm.export.binarydm.layers import (MODES, BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
                                         dynamic_step, effective_step, official_scale_init, set_mode)
 from bdm.plugins.multibasis_reference import pack_bases, sign_bases
 from bdm.plugins.packing import ZeroWeightError

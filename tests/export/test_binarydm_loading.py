@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm import claims_keys
-from bdm.export.binarydm_layers import set_mode
-from bdm.export.checkpoint import load_model, resolve_family
+from bdm.export.binarydm.network import claims_keys
+from bdm.export.binarydm.layers import set_mode
+from bdm.export.base.checkpoint import load_model, resolve_family
 
 from binarydm_goldens import UNET_CASE, one_thread, unet_golden  # noqa: F401 (fixtures)  # tests/export
 

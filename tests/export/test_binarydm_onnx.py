@@ -1,4 +1,4 @@
-"""BinaryDM through `bdm export`'s machinery (bdm.export.binarydm_onnx): every layer, attention and block golden
+"""BinaryDM through `bdm export`'s machinery (bdm.export.binarydm.onnx_export): every layer, attention and block golden
 exported alone in every mode and run in ONNX Runtime against the official outputs (bound 1e-5 * max|y|, and the
 quantized operands bit for bit), and the golden UNet exported whole: ONNX Runtime against the PyTorch model in w1a32
 and fp (and fp against the official y_fp), static/dynamic through the teacher-forced validation, packed weights only,
@@ -17,9 +17,10 @@ from onnx import helper
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export import binarydm_onnx, binarydm_validate, onnx_export
-from bdm.export.binarydm import binarized_layers
-from bdm.export.binarydm_layers import set_mode
+from bdm.export.bidiffsr import onnx_export
+from bdm.export.binarydm import onnx_export as binarydm_onnx, validate as binarydm_validate
+from bdm.export.binarydm.network import binarized_layers
+from bdm.export.binarydm.layers import set_mode
 
 from binarydm_goldens import ATTENTION_CASE, BLOCK_CASES, LAYER_CASES, assert_within_bound, build_case  # tests/export
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm import (BINARYDM_RELEASED, build_binarydm, binarized_layers, claims_config,
+from bdm.export.binarydm.network import (BINARYDM_RELEASED, build_binarydm, binarized_layers, claims_config,
                                  first_trace_divergence, quantizer_trace, unet_params, zero_sign_weights)
-from bdm.export.binarydm_layers import MODES, set_mode
+from bdm.export.binarydm.layers import MODES, set_mode
 
 from binarydm_goldens import BOUND, one_thread, unet_golden  # noqa: F401 (fixtures)  # tests/export
 

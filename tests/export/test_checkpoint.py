@@ -10,8 +10,8 @@ import yaml
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export.checkpoint import FAMILIES, ZeroWeights, find_zero_binary_weights, load_model
-from bdm.export.config import BIDIFFSR_RELEASED, bidiffsr_network_g
+from bdm.export.base.checkpoint import FAMILIES, ZeroWeights, find_zero_binary_weights, load_model
+from bdm.export.bidiffsr.config import BIDIFFSR_RELEASED, bidiffsr_network_g
 
 
 class NotATensor:  # a custom class: torch.load(weights_only=True) must refuse it

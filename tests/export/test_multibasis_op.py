@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import helper
 
-from bdm.export import functions
-from bdm.export.binarydm_layers import dynamic_step, effective_step
-from bdm.export.multibasis_functions import act_quantize
+from bdm.export.base import functions
+from bdm.export.binarydm.layers import dynamic_step, effective_step
+from bdm.export.base.multibasis_functions import act_quantize
 from bdm.plugins import reference, spec
 from bdm.plugins.multibasis_reference import activation_step, pack_bases, quantize, sign_bases
 

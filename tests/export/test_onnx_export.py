@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bdm
-from bdm.export import bidiffsr, onnx_export, validate
+from bdm.export.bidiffsr import network as bidiffsr, onnx_export, validate
 from bdm.plugins import packing, spec
 
 REL_TOL = 1e-5

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from bdm.export import bidiffsr, inspect, onnx_export
+from bdm.export import inspect
+from bdm.export.bidiffsr import network as bidiffsr, onnx_export
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export import onnx_export, validate
+from bdm.export.bidiffsr import onnx_export, validate
 from bdm.plugins import spec
 
 

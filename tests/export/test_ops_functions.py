@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bdm.export import functions
-from bdm.export.bidiffsr import BIConv
+from bdm.export.base import functions
+from bdm.export.bidiffsr.network import BIConv
 from bdm.plugins import packing, reference, spec
 
 K, T = 5, 2000

@@ -172,7 +172,7 @@ def golden_layer_io(bi_ref):
     """(layer name, t, BIConv, input, output) of every BIConv of the small checkpoint on net_golden's x and c,
     the network in its deploy arithmetic (the op spec's)."""
     import bdm
-    from bdm.export.bidiffsr import biconvs
+    from bdm.export.bidiffsr.network import biconvs
 
     model = bdm.load_model(bi_ref / "ckpt_small_x4.pth", config=bi_ref / "ckpt_small_x4.yml")
     arrays = np.load(bi_ref / "net_golden.npz")

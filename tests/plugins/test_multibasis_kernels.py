@@ -186,7 +186,7 @@ GOLDEN_MODES = {"static": "y_static", "dynamic": "y_dynamic", "w1a32": "y_w1a32"
 def test_every_binarydm_layer_golden(library, bdm_ref, backend, case):
     """What the exporter feeds the node (packed bases, s1/s2, bias, and the step: the stored alpha in static mode,
     2*mean|x|/sqrt(Qp) computed before the node in dynamic mode) against the official output of every mode."""
-    from bdm.export.binarydm_layers import act_range, dynamic_step
+    from bdm.export.binarydm.layers import act_range, dynamic_step
 
     meta, state, arrays = golden(bdm_ref, case)
     layer = build_layer(meta, state)
@@ -233,7 +233,7 @@ SPATIAL_DIMS = {"conv2d": 2, "conv1d": 1, "linear": 0}
 def layer_through_kernel(library, backend, layer, x):
     """The node the exporter writes for `layer` (static: stored step; dynamic: 2*mean|x|/sqrt(Qp)), on a host backend.
     Returns y and the step the node's quantizer used (None at act_bits 0)."""
-    from bdm.export.binarydm_layers import act_range, dynamic_step, effective_step
+    from bdm.export.binarydm.layers import act_range, dynamic_step, effective_step
 
     view = layer.export_view()
     spatial_dims = SPATIAL_DIMS[view.kind]
@@ -252,8 +252,8 @@ def layer_through_kernel(library, backend, layer, x):
 def golden_unet(bdm_ref):
     """The golden UNet with its one exact-zero latent weight given sign +1 (1 bit cannot hold 0): the kernels are
     compared with this same model in PyTorch, whose layers match the official goldens (tests/export)."""
-    from bdm.export.binarydm import build_binarydm
-    from bdm.export.binarydm_onnx import resolve_zero_signs
+    from bdm.export.binarydm.network import build_binarydm
+    from bdm.export.binarydm.onnx_export import resolve_zero_signs
 
     meta, state, arrays = golden(bdm_ref, "unet_cifar_like_w32")
     model = build_binarydm(meta)
@@ -265,7 +265,7 @@ def golden_unet(bdm_ref):
 def run_unet(model, arrays, i, hook):
     """eps of timestep case i with `hook(path, layer, x, y) -> y or None` on every binarized layer that quantizes
     or binarizes (mode != fp)."""
-    from bdm.export.binarydm import binarized_layers
+    from bdm.export.binarydm.network import binarized_layers
 
     handles = [layer.register_forward_hook(lambda m, args, y, path=path: hook(path, m, args[0], y))
                for path, layer in binarized_layers(model) if layer.binarized and layer.mode != "fp"]
@@ -287,7 +287,7 @@ def test_golden_unet_through_the_kernels(library, golden_unet, backend, mode):
     and timestep. Free-running (the kernels feed each other): w1a32 is well conditioned and must meet the bound on
     eps; W1A4 is chaotic, so where eps departs, the first layer whose activation codes differ must differ only by
     rounding-level flips (x/step within 1e-4 of a .5 midpoint in both runs), never by a wrong code."""
-    from bdm.export.binarydm_layers import act_range, set_mode
+    from bdm.export.binarydm.layers import act_range, set_mode
 
     model, arrays = golden_unet
     set_mode(model, mode)

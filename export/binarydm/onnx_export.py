@@ -1,7 +1,7 @@
 """`bdm export` for the BinaryDM family: a BinaryDMUNet -> one ONNX file, graph `x_t` [N, C, H, W] float32, `t` [N]
 int64 -> `eps` [N, C, H, W], N, H and W dynamic.
 
-The same machinery as the BI-DiffSR exporter (bdm.export.onnx_export): for the duration of the export every
+The same machinery as the BI-DiffSR exporter (bdm.export.bidiffsr.onnx_export): for the duration of the export every
 binarized layer is swapped for a `PackedMultiBasisLayer` holding the spec's inputs (packed sign bases, scales,
 bias, step) that emits one `bdm::MultiBasisConv` node; the network is traced with the TorchScript exporter and
 post-processed the same way (function bodies attached, metadata, latent-weight check, checker, atomic write).
@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from bdm.errors import BdmError
-from bdm.export import functions
-from bdm.export.binarydm import BinaryDMUNet, binarized_layers, sampling_options, unet_params
-from bdm.export.binarydm_layers import (MODES, ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range,
+from bdm.export.base import functions
+from bdm.export.binarydm.network import BinaryDMUNet, binarized_layers, sampling_options, unet_params
+from bdm.export.binarydm.layers import (MODES, ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range,
                                         dynamic_step, effective_step, set_mode)
-from bdm.export.multibasis_functions import act_quantize
+from bdm.export.base.multibasis_functions import act_quantize
 from bdm.contract import DEFAULT_OPSET
-from bdm.export.onnx_export import (ExportSummary, check_no_binarized_weights, check_options, finish_model,
+from bdm.export.bidiffsr.onnx_export import (ExportSummary, check_no_binarized_weights, check_options, finish_model,
                                     swapped_modules, write_validated)
 from bdm.files import check_output_path, file_sha256
 from bdm.plugins.multibasis_reference import multibasis_conv
@@ -310,7 +310,7 @@ def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: in
     output = check_output_path(output)
     _check_arguments(mode, opset)
     if model is None:
-        from bdm.export.checkpoint import load_model
+        from bdm.export.base.checkpoint import load_model
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exact zeros: resolved or refused below
@@ -325,7 +325,7 @@ def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: in
     onnx_model = to_onnx(model, mode, opset, metadata)
 
     def compare(path):
-        from bdm.export.binarydm_validate import TIMESTEPS, compare as compare_outputs
+        from bdm.export.binarydm.validate import TIMESTEPS, compare as compare_outputs
 
         log(f"validating: ONNX Runtime vs PyTorch in {mode} mode at t = {list(TIMESTEPS)}, every binarized layer "
             f"also teacher-forced")

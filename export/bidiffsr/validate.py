@@ -31,9 +31,10 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from bdm.errors import BdmError
-from bdm.export import bidiffsr, functions
-from bdm.export.checkpoint import load_model
-from bdm.export.onnx_export import ParityReport, case_line, read_metadata, resolve_zero_weights
+from bdm.export.base import functions
+from bdm.export.bidiffsr import network as bidiffsr
+from bdm.export.base.checkpoint import load_model
+from bdm.export.bidiffsr.onnx_export import ParityReport, case_line, read_metadata, resolve_zero_weights
 from bdm.plugins import spec
 from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, TorchRunner, trt_runner
 from bdm.files import file_sha256
@@ -420,7 +421,7 @@ def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shap
                        f"`bdm export`") from None
     meta = check_metadata(onnx_model, model_path)
     if meta.get("family") == "binarydm":
-        from bdm.export import binarydm_validate
+        from bdm.export.binarydm import validate as binarydm_validate
 
         return binarydm_validate.validate_file(model_path, onnx_model, meta, ckpt, config, engine, plugins, shape,
                                                 seed, log)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdm.errors import BdmError
-from bdm.export.config import BIDIFFSR_TYPE, ModelFamily, bidiffsr_kwargs, bidiffsr_network_g, read_network_g
+from bdm.export.bidiffsr.config import BIDIFFSR_TYPE, ModelFamily, bidiffsr_kwargs, bidiffsr_network_g, read_network_g
 
 # "deploy" (default): binary convs compute alpha * conv(sign map, sign(W)), the exact integer dot product scaled
 #     once: the op spec's arithmetic (plugins/binary_conv/spec.yaml), alpha*sign(W) with alpha = flat mean|W|.

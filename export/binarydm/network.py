@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdm.errors import BdmError
-from bdm.export.binarydm_layers import (ACT_BITS, BNNConv1d, BNNConv2d, BNNLinear, BinarizedLayer,
+from bdm.export.binarydm.layers import (ACT_BITS, BNNConv1d, BNNConv2d, BNNLinear, BinarizedLayer,
                                         QuantizedQKVAttention, act_range, set_mode)
-from bdm.export.config import ModelFamily, load_config
+from bdm.export.bidiffsr.config import ModelFamily, load_config
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel_ours.UNetModel"
 

@@ -1,5 +1,5 @@
 """Network configs: an official options YAML (its `network_g` section), or a dict of it, turned into validated
-constructor arguments; and `ModelFamily`, what a model family plugs into `bdm.export.checkpoint.load_model`."""
+constructor arguments; and `ModelFamily`, what a model family plugs into `bdm.export.base.checkpoint.load_model`."""
 
 import copy
 from dataclasses import dataclass
@@ -110,7 +110,7 @@ def _check_bidiffsr_values(g: dict):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What `load_model` needs from one model family (registered in bdm.export.checkpoint.FAMILIES).
+    """What `load_model` needs from one model family (registered in bdm.export.base.checkpoint.FAMILIES).
 
     build(config, device) -> model in eval mode; config None means the family's released network.
     claims_config(config) -> whether a user-given config describes this family's network.

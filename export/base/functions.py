@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from bdm.export.multibasis_functions import multibasis_conv_body
+from bdm.export.base.multibasis_functions import multibasis_conv_body
 from bdm.plugins import packing, spec
 from bdm.plugins.reference import complete_attributes
 

@@ -26,9 +26,10 @@ import yaml
 from torch import nn
 
 from bdm.errors import BdmError
-from bdm.export import bidiffsr, functions
-from bdm.export.checkpoint import FAMILIES, find_zero_binary_weights, load_model
-from bdm.export.config import bidiffsr_network_g
+from bdm.export.base import functions
+from bdm.export.bidiffsr import network as bidiffsr
+from bdm.export.base.checkpoint import FAMILIES, find_zero_binary_weights, load_model
+from bdm.export.bidiffsr.config import bidiffsr_network_g
 from bdm.plugins import packing, reference, spec
 from bdm.contract import CONDITIONAL_INPUT_NAMES, DEFAULT_OPSET, OUTPUT_NAME
 from bdm.files import atomic_path, check_output_path, file_sha256
@@ -389,8 +390,8 @@ def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load_model warns about exact-zero weights: resolved or refused below
         model = load_model(ckpt, config=config)
-    if not isinstance(model, bidiffsr.BIDiffSRUNet):  # BinaryDM: bdm.export.binarydm_onnx, the same machinery
-        from bdm.export import binarydm_onnx
+    if not isinstance(model, bidiffsr.BIDiffSRUNet):  # BinaryDM: bdm.export.binarydm.onnx_export, the same machinery
+        from bdm.export.binarydm import onnx_export as binarydm_onnx
 
         if dtype != "fp32" or not fused:
             raise BdmError(f"{ckpt} is a BinaryDM checkpoint: its export is fp32 with one MultiBasisConv node per "
@@ -407,7 +408,7 @@ def export_checkpoint(ckpt, output, config=None, dtype: str = "fp32", opset: int
     onnx_model = to_onnx(model, dtype, opset, fused, zero_weight_sign, metadata)
 
     def compare(path):
-        from bdm.export import validate as validation
+        from bdm.export.bidiffsr import validate as validation
 
         log(f"validating: ONNX Runtime vs PyTorch, {len(EXPORT_CHECK_TIMESTEPS)} inputs "
             f"{'x'.join(map(str, EXPORT_CHECK_NHW))} (one per timestep group)")

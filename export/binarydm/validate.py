@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 import torch
 
-from bdm.export import functions
-from bdm.export.binarydm import binarized_layers
-from bdm.export.binarydm_layers import ActQuantizer, act_range, set_mode
-from bdm.export.binarydm_onnx import INPUT_NAMES, OP_TYPE, OUTPUT_NAME
-from bdm.export.onnx_export import ParityReport, case_line
+from bdm.export.base import functions
+from bdm.export.binarydm.network import binarized_layers
+from bdm.export.binarydm.layers import ActQuantizer, act_range, set_mode
+from bdm.export.binarydm.onnx_export import INPUT_NAMES, OP_TYPE, OUTPUT_NAME
+from bdm.export.bidiffsr.onnx_export import ParityReport, case_line
 from bdm.plugins.multibasis_reference import activation_step
 
 TOLERANCE = 1e-5
@@ -340,8 +340,8 @@ def validate_file(model_path, onnx_model: onnx.ModelProto, meta: Dict[str, str],
     import warnings
 
     from bdm.errors import BdmError
-    from bdm.export.binarydm_onnx import resolve_zero_signs
-    from bdm.export.checkpoint import load_model
+    from bdm.export.binarydm.onnx_export import resolve_zero_signs
+    from bdm.export.base.checkpoint import load_model
     from bdm.runtime.backends import trt_runner
     from bdm.files import file_sha256
     from bdm.runtime.trt_backend import parse_nhw

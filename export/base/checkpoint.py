@@ -14,8 +14,9 @@ from typing import Dict, List, Mapping, NamedTuple, Optional
 import torch
 
 from bdm.errors import BdmError
-from bdm.export import bidiffsr, binarydm
-from bdm.export.config import ModelFamily
+from bdm.export.bidiffsr import network as bidiffsr
+from bdm.export.binarydm import network as binarydm
+from bdm.export.bidiffsr.config import ModelFamily
 
 FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (bidiffsr.FAMILY, binarydm.FAMILY)}
 
