@@ -4,12 +4,12 @@ Public API:
     load_model(ckpt_path, config=None, family=None) -> torch.nn.Module (eval mode)
 """
 
-__version__ = "0.1.0"
+from bdm.contract import BDM_VERSION as __version__
 
 
 def load_model(ckpt_path, config=None, family=None):
     """Load an official checkpoint into the PyTorch reference network (see README, "Python API")."""
-    from bdm.export.base.checkpoint import load_model as _load
+    from bdm.export.registry import load_model as _load
 
     return _load(ckpt_path, config=config, family=family)
 

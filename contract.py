@@ -8,6 +8,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, TypedDict, get_args
 
 from bdm.errors import BdmError
 
+BDM_VERSION = "0.1.0"  # bdm's own version: the producer_version of every exported file (bdm.__version__)
 FORMAT_VERSION = 1  # bdm.format of an exported ONNX file
 DEFAULT_OPSET = 17  # the opset of the default domain that `bdm export` writes unless asked for another
 
@@ -74,7 +75,7 @@ class ModelMetadata:
             try:
                 values[f.name] = _PARSERS[kind](text)
             except ValueError:
-                raise BdmError(f"{source}: metadata {metadata_key(f.name)} = {text!r} is not a {kind.__name__}; "
+                raise BdmError(f"{source}: metadata {metadata_key(f.name)} = {text!r} is not {_KINDS[kind]}; "
                                f"export the model again with `bdm export`") from None
         return cls(**values)
 
@@ -85,6 +86,7 @@ class ModelMetadata:
 
 
 _PARSERS = {int: int, bool: lambda text: bool(int(text)), dict: json.loads, str: str}
+_KINDS = {int: "an integer", bool: "0 or 1", dict: "a JSON object", str: "text"}
 
 
 def metadata_key(field: str) -> str:

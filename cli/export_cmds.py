@@ -5,6 +5,7 @@ from typing import Optional
 
 import typer
 
+from bdm.contract import DEFAULT_OPSET
 from bdm.errors import BdmError
 
 _ZERO_SIGNS = {"+1": 1, "1": 1, "-1": -1}
@@ -28,7 +29,7 @@ def export(
     output: Path = typer.Argument(..., help="ONNX file to write (atomically: nothing is left on failure)."),
     config: Optional[Path] = typer.Option(None, help="Official options YAML; default: the released x2/x4 network."),
     dtype: str = typer.Option("fp32", help="Activation and FP-weight precision: fp32 or fp16 (tables stay fp32)."),
-    opset: int = typer.Option(17, help="ONNX opset of the main graph (>= 17)."),
+    opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset of the main graph (>= 17)."),
     fused: bool = typer.Option(True, help="One fused node per binary conv (default), or the unfused debug form "
                                           "TimestepBias -> BinarySignConv2d -> TimestepRPReLU -> Add."),
     validate: bool = typer.Option(True, help="Compare ONNX Runtime with PyTorch before reporting success."),
@@ -39,13 +40,13 @@ def export(
                    "w1a32 (no activation quantization) or fp (latent weights); recorded in the model."),
 ):
     """Export a checkpoint to ONNX with bit-packed `bdm` custom ops and executable function bodies."""
-    from bdm.export import inspect as inspection
-    from bdm.export.bidiffsr.onnx_export import export_checkpoint
+    from bdm.export import registry
+    from bdm.export.base.family import ExportOptions
 
-    done = export_checkpoint(ckpt, output, config=config, dtype=dtype, opset=opset, fused=fused,
-                             validate=validate, zero_weight_sign=_zero_sign(zero_weight_sign), log=_err,
-                             act_mode=act_mode)
-    summary = inspection.inspect_file(done.path)
+    options = ExportOptions(dtype=dtype, opset=opset, fused=fused, mode=act_mode, validate=validate,
+                            zero_weight_sign=_zero_sign(zero_weight_sign))
+    done = registry.export_checkpoint(ckpt, output, config, options, log=_err)
+    summary = registry.inspect_file(done.path)
     _err(f"exported in {done.seconds:.1f} s: {summary.file_bytes / 1e6:.2f} MB, latent fp32 "
          f"{summary.latent_fp32_bytes / 1e6:.2f} MB, compression {summary.compression_ratio:.2f}x"
          + ("" if done.validation is None else f"; ONNX Runtime vs PyTorch: {done.validation.summary()}"))
@@ -63,10 +64,13 @@ def validate(
     seed: int = typer.Option(0, help="Seed of the random inputs."),
 ):
     """Output parity between PyTorch, ONNX Runtime and (optionally) TensorRT, via Polygraphy's Comparator."""
-    from bdm.export.bidiffsr.validate import validate_file
+    from bdm.export import registry
+    from bdm.runtime.backends import trt_runner
+    from bdm.runtime.trt_backend import parse_nhw
 
-    report = validate_file(model, ckpt, config=config, engine=engine, plugins=plugins, shape=shape, seed=seed,
-                           log=typer.echo)
+    nhw = parse_nhw(shape, "--shape")
+    open_engine = None if engine is None else (lambda: trt_runner(engine, plugins))
+    report = registry.validate_file(model, ckpt, config, nhw, open_engine, seed, log=typer.echo)
     failed = [c for c in report.cases if not c.passed]
     if failed:
         raise BdmError(f"{len(failed)} of {len(report.cases)} comparisons exceed {report.tolerance:.0e} * max|eps| "
@@ -76,9 +80,9 @@ def validate(
 
 def inspect(model: Path = typer.Argument(..., help="ONNX file written by `bdm export`.")):
     """Op census, packed versus latent weight size, and compression ratio of an exported model."""
-    from bdm.export.inspect import inspect_file
+    from bdm.export import registry
 
-    for line in inspect_file(model).lines():
+    for line in registry.inspect_file(model).lines():
         typer.echo(line)
 
 

@@ -13,7 +13,7 @@ from bdm.errors import BdmError
 
 def _sampling_options(config: Optional[Path], runner) -> dict:
     """--config first, then what `bdm export` recorded in the model, then the released (bedrooms) config."""
-    from bdm.export.binarydm.network import sampling_options
+    from bdm.export.binarydm.config import sampling_options
 
     if config is not None:
         return sampling_options(config)

@@ -1,20 +1,17 @@
 """`bdm inspect`: what an exported model holds. Op census, where the bytes go (packed sign bits, per-channel
 scales, full-precision weights), the latent fp32 size the checkpoint needed for the same network, the packed
-floor and the compression ratio."""
+floor and the compression ratio. The packed inputs of each bdm op come from its family (registry.inspect_file)."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Mapping, Tuple
 
 import numpy as np
 import onnx
 
-from bdm.errors import BdmError
+from bdm.contract import ModelMetadata, metadata_key
 from bdm.export.base import functions
-from bdm.export.bidiffsr.onnx_export import census, read_metadata
-
-# op -> input index of (packed sign bits, per-output-channel scales)
-_CONVS = {"BinaryConv2d": (2, 3), "BinarySignConv2d": (1, 2), "MultiBasisConv": (1, 2)}
+from bdm.plugins import spec
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -23,7 +20,7 @@ class ModelSummary:
     path: Path
     file_bytes: int
     census: Dict[str, int]
-    metadata: Dict[str, str]
+    metadata: ModelMetadata
     binarized_params: int   # latent weights of the binary convs (Cout * Cin * k * k each)
     packed_bytes: int       # their packed sign bits as stored (INT32 words)
     scale_params: int       # per-output-channel alpha of the binary convs
@@ -49,8 +46,9 @@ class ModelSummary:
 
     def lines(self):
         mb = 1e6
+        recorded = {f: self.metadata.to_props().get(metadata_key(f)) for f in ("family", "dtype", "fused", "act_mode")}
         yield f"{self.path}: {self.file_bytes / mb:.2f} MB, " + ", ".join(
-            f"{k}={v}" for k, v in sorted(self.metadata.items()) if k in ("family", "dtype", "fused", "act_mode"))
+            f"{k}={v}" for k, v in sorted(recorded.items()) if v is not None)
         yield "op census: " + ", ".join(f"{op} {count}" for op, count in self.census.items())
         yield (f"binarized weights: {self.binarized_params:,} -> packed sign bits {self.packed_bytes / mb:.2f} MB "
                f"(latent fp32 {4 * self.binarized_params / mb:.2f} MB), alpha {self.scale_params:,} "
@@ -65,21 +63,33 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
-def summarize(model: onnx.ModelProto, path, file_bytes: int) -> ModelSummary:
+def census(onnx_model: onnx.ModelProto) -> Dict[str, int]:
+    """Node count per op type (custom ops as domain::op_type), most frequent first."""
+    counts: Dict[str, int] = {}
+    for node in onnx_model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def summarize(model: onnx.ModelProto, path, file_bytes: int, metadata: ModelMetadata,
+              packed_inputs: Mapping[str, Tuple[str, str]]) -> ModelSummary:
+    """packed_inputs: {bdm op: (packed sign-bit input, per-channel scale input)} (ModelFamily.packed_inputs)."""
     initializers = {i.name: i for i in model.graph.initializer}
     constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     packed, scales = set(), set()
     binarized = sign_bits = 0
     for node in model.graph.node:
-        if node.domain == functions.DOMAIN and node.op_type in _CONVS:
+        if node.domain == functions.DOMAIN and node.op_type in packed_inputs:
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             taps = attributes["kernel_size"] ** attributes.get("spatial_dims", 2)
             binarized += attributes["out_channels"] * attributes["in_channels"] * taps
             sign_bits += attributes["out_channels"] * attributes["in_channels"] * taps * attributes.get("num_bases", 1)
-            weight, alpha = (node.input[i] for i in _CONVS[node.op_type])
+            inputs = dict(zip(spec.input_names(node.op_type), node.input))
+            weight, alpha = (inputs[name] for name in packed_inputs[node.op_type])
             packed.add(weight)
             scales.add(alpha)
-    summary = ModelSummary(Path(path), file_bytes, census(model), read_metadata(model), binarized,
+    summary = ModelSummary(Path(path), file_bytes, census(model), metadata, binarized,
                            sum(_tensor_bytes(initializers[n]) for n in packed if n in initializers),
                            sum(int(np.prod(initializers[n].dims)) for n in scales if n in initializers),
                            sum(_tensor_bytes(initializers[n]) for n in scales if n in initializers), 0, 0, 0,
@@ -92,14 +102,3 @@ def summarize(model: onnx.ModelProto, path, file_bytes: int) -> ModelSummary:
             summary.other_bytes += _tensor_bytes(tensor)
     return summary
 
-
-def inspect_file(path) -> ModelSummary:
-    path = Path(path)
-    if not path.is_file():
-        raise BdmError(f"{path}: no such ONNX file; export one with `bdm export`")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # protobuf raises its own DecodeError; onnx raises ValueError for odd files
-        raise BdmError(f"{path} is not an ONNX model ({type(e).__name__}); pass a file written by `bdm export`") \
-            from None
-    return summarize(model, path, path.stat().st_size)

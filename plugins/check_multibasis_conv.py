@@ -11,6 +11,7 @@ equal the host path bit for bit). The spec's bound is 1e-5.
 """
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from bdm.errors import BdmError
 LAYER_CASES = ["conv3x3_s1_order2", "conv3x3_s2_order2", "conv1x1_order1", "conv1d_qkv_order2", "linear_emb_order2",
                "conv3x3_s1_order2_a8"]
 MODES = {"static": "y_static", "dynamic": "y_dynamic", "w1a32": "y_w1a32"}
-SPATIAL_DIMS = {"conv2d": 2, "conv1d": 1, "linear": 0}
+SPATIAL_DIMS = {"BNNConv2d": 2, "BNNConv1d": 1, "BNNLinear": 0}  # by the golden's official class
 # (spatial_dims, kernel_size, stride, padding, spatial shape)
 FORMS = [(2, 3, 1, 1, (16, 12)), (2, 3, 2, 1, (15, 12)), (2, 1, 1, 0, (9, 7)), (1, 3, 1, 1, (64,)), (0, 1, 1, 0, ())]
 
@@ -33,30 +34,34 @@ def relative(ours, expected) -> float:
 
 
 def golden_layer(reference: Path, case: str):
-    """(node inputs per mode, node attributes, official outputs) of one layer golden."""
+    """(node inputs per mode, node attributes, official outputs) of one layer golden, its state_dict read the way the
+    official layer computes: B1 = sign(W), B2 = sign(W - s1*B1) in float32; dynamic step 2*mean|x|/sqrt(Qp)."""
     import json
 
     import torch
 
-    from bdm.export.binarydm.layers import act_range, dynamic_step, official_layer
+    from bdm.plugins import multibasis_reference as ref
 
     meta = json.loads((reference / f"{case}.json").read_text())
     state = torch.load(reference / f"{case}.pt", weights_only=True)
     arrays = dict(np.load(reference / f"{case}.npz"))
-    bits = meta["act_quantizer"]["nbits"]
-    layer = official_layer(meta["official_class"], meta["constructor"], bits)
-    layer.load_state_dict(state, strict=True)
-    view = layer.export_view()
-    if view.packed_signs is None:
-        raise BdmError(f"{case}: the golden layer holds an exact-zero sign, which the packed op cannot take")
-    spatial_dims = SPATIAL_DIMS[view.kind]
-    attrs = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, num_bases=view.order,
-                 spatial_dims=spatial_dims, kernel_size=view.weight_shape[2] if spatial_dims else 1,
-                 stride=view.stride, padding=view.padding)
+    bits, order, c = meta["act_quantizer"]["nbits"], meta["order"], meta["constructor"]
+    weight, s1 = state["weight"], state["scaling_first_order"]
+    first = torch.sign(weight)
+    planes = torch.stack([first, torch.sign(weight - first * s1)][:order]).to(torch.int8).numpy()
+    if not planes.all():
+        raise BdmError(f"{case}: the golden layer holds a sign-0 weight, which the packed op cannot take")
+    scales = torch.stack([s.reshape(-1) for s in (s1, state["scaling_second_order"])][:order]).numpy()
+    spatial_dims = SPATIAL_DIMS[meta["official_class"]]
+    attrs = dict(in_channels=weight.shape[1], out_channels=weight.shape[0], num_bases=order,
+                 spatial_dims=spatial_dims, kernel_size=weight.shape[2] if spatial_dims else 1,
+                 stride=c.get("stride", 1), padding=c.get("padding", 0))
     x = arrays["x"]
-    steps = {"static": view.act_step.numpy(), "w1a32": view.act_step.numpy(),
-             "dynamic": dynamic_step(torch.from_numpy(x), act_range(bits)[1]).numpy()}
-    tensors = (view.packed_signs.numpy(), view.scales.numpy(), view.bias.numpy())
+    alpha = state["quantizer_a.alpha"].numpy()
+    qp = ref.act_range(bits)[1]
+    steps = {"static": alpha, "w1a32": alpha,
+             "dynamic": (2 * torch.from_numpy(x).abs().mean() / math.sqrt(qp)).reshape(1).numpy()}
+    tensors = (ref.pack_bases(planes), scales, state["bias"].numpy())
     return {mode: ((x,) + tensors + (steps[mode],), dict(attrs, act_bits=0 if mode == "w1a32" else bits),
                    arrays[key]) for mode, key in MODES.items()}
 

@@ -1,6 +1,6 @@
 """NumPy reference of `MultiBasisConv` (plugins/multibasis_conv/spec.yaml), written line by line from its
-`semantics`: the oracle for its ONNX function body (bdm.export.base.multibasis_functions), the BinaryDM exporter and a
-future CUDA kernel. Registered in bdm.plugins.reference.OPS, so `reference.run("MultiBasisConv", ...)` works.
+`semantics`: the oracle for its ONNX function body (bdm.export.base.multibasis_functions), the BinaryDM exporter and
+the CUDA kernels. Registered in bdm.plugins.reference.OPS, so `reference.run("MultiBasisConv", ...)` works.
 
 The quantizer is float32, one IEEE operation at a time in the spec's order (NumPy float32 arrays and scalars never
 contract a*b+c); the weighted sum is taken in float64, where every float32 product is exact, and rounded once.

@@ -1,11 +1,11 @@
 """The ONNX function body of `MultiBasisConv` (plugins/multibasis_conv/spec.yaml) and the activation quantizer it
 shares with the exported quantized attention, from standard opset-17 operators.
 
-Builders take a body `b` with the interface of bdm.export.base.functions._Body: `b.op(op_type, *inputs, **attributes)`
-and `b.const(value, dtype)` return value names, `b.attribute(name)` is an INT attribute as an int64 scalar,
-`b.float32`, `b.weight_bits` and `b.output` as there. The body is registered in functions._BODIES; the exporter
-also runs `act_quantize` over a TorchScript graph (bdm.export.binarydm.onnx_export), so the quantizer of the attention and
-of the layers is one piece of code.
+Builders take a body `b` with the interface of bdm.export.base.functions._Body: `b.op(op_type, *inputs,
+**attributes)` and `b.const(value, dtype)` return value names, `b.attribute(name)` is an INT attribute as an int64
+scalar, `b.float32`, `b.weight_bits` and `b.output` as there. The body is registered in functions._BODIES; the
+exporter also runs `act_quantize` over a TorchScript graph (bdm.export.binarydm.onnx_export), so the quantizer of the
+attention and of the layers is one piece of code.
 
 Quantizer arithmetic (spec semantics, checked bit for bit against the official `static_xq` goldens): ONNX
 QuantizeLinear divides x by the scale and rounds half to even, as the official torch.round(x / step); it saturates to

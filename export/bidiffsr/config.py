@@ -1,16 +1,23 @@
-"""Network configs: an official options YAML (its `network_g` section), or a dict of it, turned into validated
-constructor arguments; and `ModelFamily`, what a model family plugs into `bdm.export.base.checkpoint.load_model`."""
+"""BI-DiffSR configs and checkpoints: an official options YAML (its `network_g` section), or a dict of it, turned into
+validated constructor arguments; the upscaling factor an export records; how a BI-DiffSR state_dict is recognised."""
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Dict, Iterable, Optional, Tuple
+from typing import Optional
 
 import yaml
 
 from bdm.errors import BdmError
+from bdm.export.base.config import load_config
 
 BIDIFFSR_TYPE = "BIDiffSRUNet"
+# How the PyTorch network computes (bdm.export.bidiffsr.network.set_mode):
+# "deploy" (default): binary convs compute alpha * conv(sign map, sign(W)), the exact integer dot product scaled
+#     once: the op spec's arithmetic (plugins/binary_conv/spec.yaml), alpha*sign(W) with alpha = flat mean|W|.
+# "official": the official fp32 order of operations, which reproduces the official outputs bit for bit (CPU,
+#     1 thread): straight-through weights W_eff = fl(fl(alpha*sign(W) - clamp(W,-1,1)) + clamp(W,-1,1)) with alpha
+#     as nested means, and the attention's value sum over keys in the order the official 6-D einsum uses.
+MODES = ("deploy", "official")
 
 # network_g of the official options/{train,test}/*_BI_DiffSR_x{2,4}.yml: x2 and x4 build the same network.
 BIDIFFSR_RELEASED = {
@@ -34,21 +41,6 @@ _BIDIFFSR_OPTIONAL = {"dropout": 0.0}
 _INT_KEYS = ("in_channel", "out_channel", "inner_channel", "norm_groups", "res_blocks", "image_size",
              "total_step", "dynamic_group")
 _INT_LIST_KEYS = ("channel_mults", "attn_res", "fp_res")
-
-
-def load_config(config, wanted: str) -> Tuple[object, str]:
-    """(the loaded YAML, its name for messages) for a path, or (config, "the config dict") for anything else.
-    `wanted` names the file a user should pass, for the one-line errors."""
-    if not isinstance(config, (str, Path)):
-        return config, "the config dict"
-    path = Path(config)
-    if not path.is_file():
-        raise BdmError(f"config {path} not found: pass {wanted}")
-    try:
-        return yaml.safe_load(path.read_text()), str(path)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BdmError(f"config {path} is not valid YAML ({reason}); pass {wanted}") from None
 
 
 def read_network_g(config) -> dict:
@@ -108,23 +100,18 @@ def _check_bidiffsr_values(g: dict):
              f"(the input is cat([cond, x_t]))")
 
 
-@dataclass(frozen=True)
-class ModelFamily:
-    """What `load_model` needs from one model family (registered in bdm.export.base.checkpoint.FAMILIES).
+def claims_config(config) -> bool:
+    return read_network_g(config).get("type") == BIDIFFSR_TYPE
 
-    build(config, device) -> model in eval mode; config None means the family's released network.
-    claims_config(config) -> whether a user-given config describes this family's network.
-    claims_keys(keys) -> whether a state_dict (container and prefixes already removed) is this family's.
-    binarized_weights(model) -> (module path, latent weight) of every binarized conv, for the exact-zero check.
-    select_state(state, network keys) -> the network's state_dict from an unwrapped checkpoint (None: as is).
-    """
 
-    name: str
-    build: Callable[..., "object"]
-    claims_config: Callable[[object], bool]
-    claims_keys: Callable[[Collection[str]], bool]
-    binarized_weights: Callable[["object"], Iterable[Tuple[str, "object"]]]
-    container_keys: Tuple[str, ...] = ("params_ema", "params")  # first present wins (basicsr: EMA first)
-    key_prefixes: Tuple[str, ...] = ("module.",)  # DataParallel / DDP wrappers
-    config_hint: Optional[str] = "pass --config <the official options YAML> for a non-released network"
-    select_state: Optional[Callable[[Dict[str, "object"], Collection[str]], Dict[str, "object"]]] = None
+def claims_keys(keys) -> bool:
+    return any(k.endswith("TaR.dynamic_move_0.bias") for k in keys) and "timestep_level_mlp.1.weight" in keys
+
+
+def options_scale(config) -> Optional[int]:
+    """The top-level `scale` of an options YAML (the network does not know its upscaling factor), or None."""
+    if not isinstance(config, (str, Path)):
+        return None
+    options = yaml.safe_load(Path(config).read_text())  # the model was loaded from it already
+    scale = options.get("scale") if isinstance(options, dict) else None
+    return scale if isinstance(scale, int) and not isinstance(scale, bool) else None

@@ -4,7 +4,7 @@ Same module tree and parameter names as the official code, so official checkpoin
 - The timestep group g = clamp(t[0]*K div T, 0, K-1) is computed with tensor ops and the TaR/TaA parameters
   are selected with `index_select`, so one trace (TorchScript / ONNX) serves every timestep.
 - Inference arithmetic only: sign(x) activations (the official STE has the same forward value), no train-time
-  straight-through terms unless `set_arithmetic(model, "official")` asks for them (see ARITHMETICS).
+  straight-through terms unless `set_mode(model, "official")` asks for them (see config.MODES).
 - Self-attention as reshape + matmul instead of 6-D einsum (TensorRT-friendly).
 
 Reference: ../shared/reference/bi_diffsr/ARCHITECTURE.md §3.
@@ -18,14 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdm.errors import BdmError
-from bdm.export.bidiffsr.config import BIDIFFSR_TYPE, ModelFamily, bidiffsr_kwargs, bidiffsr_network_g, read_network_g
-
-# "deploy" (default): binary convs compute alpha * conv(sign map, sign(W)), the exact integer dot product scaled
-#     once: the op spec's arithmetic (plugins/binary_conv/spec.yaml), alpha*sign(W) with alpha = flat mean|W|.
-# "official": the official fp32 order of operations, which reproduces the official outputs bit for bit (CPU,
-#     1 thread): straight-through weights W_eff = fl(fl(alpha*sign(W) - clamp(W,-1,1)) + clamp(W,-1,1)) with alpha
-#     as nested means, and the attention's value sum over keys in the order the official 6-D einsum uses.
-ARITHMETICS = ("deploy", "official")
+from bdm.export.base.sign_zeros import SignSource
+from bdm.export.bidiffsr.config import MODES, bidiffsr_kwargs, bidiffsr_network_g
 
 
 def timestep_group(t: torch.Tensor, num_groups: int, total_steps: int) -> torch.Tensor:
@@ -67,7 +61,7 @@ class HardBinaryConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's init; checkpoints overwrite it
-        self.arithmetic = "deploy"
+        self.mode = "deploy"
 
     def alpha(self) -> torch.Tensor:
         """Per-output-channel mean|W| [Cout] (flat mean: the deployment scale)."""
@@ -76,7 +70,7 @@ class HardBinaryConv(nn.Module):
     def forward(self, sign_map: torch.Tensor) -> torch.Tensor:
         w = self.weight
         padding = w.shape[-1] // 2
-        if self.arithmetic == "official":
+        if self.mode == "official":
             alpha = w.abs().mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
             clipped = w.clamp(-1.0, 1.0)
             return F.conv2d(sign_map, (alpha * torch.sign(w) - clipped) + clipped, padding=padding)
@@ -191,14 +185,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Conv2d(channels, channels * 3, 1, bias=False)
         self.out = nn.Conv2d(channels, channels, 1)
         self.score_divisor = math.sqrt(channels)
-        self.arithmetic = "deploy"
+        self.mode = "deploy"
 
     def forward(self, x):
         n, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(n, 3 * c, h * w).chunk(3, dim=1)  # each [N, C, HW]
         scores = torch.matmul(q.transpose(1, 2), k) / self.score_divisor  # [N, HW query, HW key]
         weights = torch.softmax(scores, dim=-1)
-        if self.arithmetic == "official":
+        if self.mode == "official":
             # The official einsum flattens the key dims (y, x) as (x, y) for its bmm: same products, another
             # summation order. Reorder the keys the same way (costs a transpose of the HW x HW matrix).
             weights = weights.reshape(n, h * w, h, w).transpose(2, 3).reshape(n, h * w, h * w)
@@ -392,13 +386,13 @@ def biconvs(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BIConv)]
 
 
-def set_arithmetic(model: nn.Module, arithmetic: str) -> nn.Module:
-    """Switch the model between "deploy" (default) and "official" arithmetic (see ARITHMETICS)."""
-    if arithmetic not in ARITHMETICS:
-        raise BdmError(f"arithmetic {arithmetic!r} is unknown; choose one of {list(ARITHMETICS)}")
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch the model between "deploy" (default) and "official" arithmetic (config.MODES)."""
+    if mode not in MODES:
+        raise BdmError(f"mode {mode!r} is unknown; choose one of {list(MODES)}")
     for m in model.modules():
         if isinstance(m, (HardBinaryConv, SelfAttention)):
-            m.arithmetic = arithmetic
+            m.mode = mode
     return model
 
 
@@ -452,17 +446,7 @@ def first_sign_divergence(ours: List[SignCounts], reference: List[dict]):
     return None
 
 
-def _claims_config(config) -> bool:
-    return read_network_g(config).get("type") == BIDIFFSR_TYPE
-
-
-def _claims_keys(keys) -> bool:
-    return any(k.endswith("TaR.dynamic_move_0.bias") for k in keys) and "timestep_level_mlp.1.weight" in keys
-
-
-def _binarized_weights(model):
-    return [(name, m.binary_conv.weight) for name, m in biconvs(model)]
-
-
-FAMILY = ModelFamily(name="bi_diffsr", build=build_bidiffsr, claims_config=_claims_config,
-                     claims_keys=_claims_keys, binarized_weights=_binarized_weights)
+def sign_sources(model: nn.Module):
+    """The sign plane sign(W) of every BIConv (bdm.export.base.sign_zeros)."""
+    return [SignSource(f"{path}.binary_conv.weight", 1, torch.sign(m.binary_conv.weight.detach()), m.binary_conv.weight)
+            for path, m in biconvs(model)]

@@ -1,7 +1,8 @@
-"""Output parity of an exported model: the PyTorch reference against ONNX Runtime (and a TensorRT engine) with
-Polygraphy's Comparator, on seeded inputs whose t covers both boundaries of every timestep group.
+"""`bdm validate` of a BI-DiffSR export: the PyTorch reference against ONNX Runtime (and a TensorRT engine) through
+the validation harness (base.validation: Polygraphy's Comparator), on seeded inputs whose t covers both boundaries of
+every timestep group.
 
-The bound is the foundation's: max|y - y_ref| <= tol * max|y_ref| (fp32: 1e-5; fp16: 1e-2). A binarized
+The bound is base.validation.TOLERANCE: max|y - y_ref| <= tol * max|y_ref| (fp32: 1e-5; fp16: 1e-2). A binarized
 network is chaotic: a pre-sign value x + beta that lies within rounding of 0 can take the other sign in another
 runtime, and one flipped sign moves the output far more than any rounding. So when ONNX Runtime misses the
 bound (and always for fp16), the check looks inside: it reads every binary layer's pre-sign values and sign
@@ -13,34 +14,24 @@ flip is reported, with its layer, never absorbed into a tolerance.
 """
 
 import contextlib
-import json
-import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
 import torch
-from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, SimpleCompareFunc
-from polygraphy.logger import G_LOGGER
+from polygraphy.backend.onnxrt import SessionFromOnnx
 
+from bdm.contract import CONDITIONAL_INPUT_NAMES, OUTPUT_NAME, ModelMetadata
 from bdm.errors import BdmError
 from bdm.export.base import functions
+from bdm.export.base.validation import (TOLERANCE, ParityCase, ParityReport, case_line, engine_runner, module_path,
+                                        onnxruntime_runner, pytorch_runner, relative_error, run_comparator)
 from bdm.export.bidiffsr import network as bidiffsr
-from bdm.export.base.checkpoint import load_model
-from bdm.export.bidiffsr.onnx_export import ParityReport, case_line, read_metadata, resolve_zero_weights
 from bdm.plugins import spec
-from bdm.runtime.backends import INPUT_NAMES, OUTPUT_NAME, TorchRunner, trt_runner
-from bdm.files import file_sha256
-from bdm.runtime.trt_backend import parse_nhw
 
-TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 # A flip is rounding-level chaos only where |x + beta| is this small against the layer's largest |x + beta|:
 # fp32 runtimes differ by ~1e-7 relative per op, fp16 by ~1e-3 (one fp16 ulp is 2**-11 = 4.9e-4).
 FLIP_MARGIN = {"float32": 1e-4, "float16": 2e-2}
@@ -67,39 +58,6 @@ def validation_feeds(nhw: Sequence[int], timesteps: Sequence[int], dtype, channe
     return feeds
 
 
-def bdm_runner_for_polygraphy(runner, name: str, input_dtypes: Dict[str, np.dtype], compute_float=None):
-    """A Polygraphy runner around a bdm runner (runtime.backends: TorchRunner, TrtRunner): Polygraphy's own
-    PyTorch runner cannot run on CPU (it forces .cuda()). It takes feeds of `input_dtypes` and hands float inputs
-    on as `compute_float` when given (the fp32 reference of an fp16 model sees the same fp16 values)."""
-
-    class Adapter(BaseRunner):
-        def __init__(self):
-            super().__init__(name=name)
-
-        def activate_impl(self):
-            pass
-
-        def deactivate_impl(self):
-            pass
-
-        def get_input_metadata_impl(self):
-            meta = TensorMetadata()
-            for input_name, dtype in input_dtypes.items():
-                meta.add(input_name, np.dtype(dtype), (None,) * (1 if input_name == "t" else 4))
-            return meta
-
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            feed = {k: v.astype(compute_float) if compute_float and v.dtype.kind == "f" else v
-                    for k, v in feed_dict.items()}
-            out = runner.infer(feed)
-            eps = np.asarray(runner.to_host(out[OUTPUT_NAME]), dtype=np.float32)
-            self.inference_time = time.perf_counter() - start
-            return OrderedDict([(OUTPUT_NAME, eps)])
-
-    return Adapter()
-
-
 # --- per-layer values: pre-sign x + beta of every binary layer, from PyTorch and from the ONNX model -----------
 
 @dataclass
@@ -110,12 +68,6 @@ class BinaryLayer:
     sources: frozenset     # fused: {x, threshold}; unfused: {TimestepBias output}
     num_groups: int
     total_steps: int
-
-
-def module_path(node_name: str) -> str:
-    """The PyTorch module path in a node name of the TorchScript exporter: '/ups.20/biconv1/BinaryConv2d' ->
-    'ups.20.biconv1'."""
-    return ".".join(node_name.strip("/").split("/")[:-1])
 
 
 def onnx_binary_layers(model: onnx.ModelProto) -> List[BinaryLayer]:
@@ -182,7 +134,8 @@ class OnnxLayerProbe:
 
 
 def _torch_inputs(feed):
-    return [torch.from_numpy(np.asarray(feed[n], dtype=np.int64 if n == "t" else np.float32)) for n in INPUT_NAMES]
+    return [torch.from_numpy(np.asarray(feed[n], dtype=np.int64 if n == "t" else np.float32))
+            for n in CONDITIONAL_INPUT_NAMES]
 
 
 def torch_presign(model: torch.nn.Module, feed):
@@ -253,24 +206,13 @@ def first_input_divergence(reference: Dict[str, np.ndarray], other: Dict[str, np
 
 # --- the comparison ----------------------------------------------------------------------------------------
 
-def relative_error(reference: np.ndarray, other: np.ndarray) -> float:
-    reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
-    return float(np.abs(other - reference).max() / (np.abs(reference).max() or 1.0))
-
-
 @dataclass
-class CaseResult:
-    runner: str
-    t0: int
-    group: int
-    max_abs: float
-    rel: float
-    passed: bool
-    flips: List[LayerFlips] = field(default_factory=list)
-    forced_rel: Optional[float] = None
+class CaseResult(ParityCase):
+    group: int = 0
+    max_abs: float = 0.0
+    flips: List[LayerFlips] = field(default_factory=list)  # against the free-running reference
     local_flips: int = 0       # flips of the forced re-run: each one a layer's own rounding
     local_margin: float = 0.0  # their largest |x + beta| / max|x + beta|
-    note: str = ""
 
     def line(self, tol: float) -> str:
         text = (f"{self.runner:>16} t={self.t0:<5} g={self.group}  max|diff| {self.max_abs:.3e}  "
@@ -332,11 +274,11 @@ def _diagnose(case: CaseResult, model, probe: OnnxLayerProbe, feed, y_ort, dtype
 
 
 def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Optional[Sequence[int]] = None,
-            seed: int = 0, feeds: Optional[Sequence[dict]] = None, engine=None, plugins=None, log=print,
-            polygraphy_stats: bool = True) -> ValidationReport:
-    """Run PyTorch, ONNX Runtime (and TensorRT when `engine` is given) on the same feeds with Polygraphy's
-    Comparator; returns the per-case results (see the module doc for the criterion). The feeds are seeded
-    random inputs of shape `nhw` at `timesteps` (default: both ends of every group), unless given."""
+            seed: int = 0, feeds: Optional[Sequence[dict]] = None, open_engine: Optional[Callable] = None,
+            log=print, polygraphy_stats: bool = True) -> ValidationReport:
+    """Run PyTorch, ONNX Runtime (and the TensorRT runner `open_engine()` when given) on the same feeds through
+    Polygraphy's Comparator; returns the per-case results (see the module doc for the criterion). The feeds are
+    seeded random inputs of shape `nhw` at `timesteps` (default: both ends of every group), unless given."""
     onnx_path = Path(onnx_path)
     onnx_model = onnx.load(str(onnx_path))
     x_dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx_model.graph.input[0].type.tensor_type.elem_type)
@@ -349,44 +291,30 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
         feeds = validation_feeds(nhw, timesteps, x_dtype, (model.out_channel, model.in_channel - model.out_channel),
                                  total_steps, seed)
     else:
-        feeds = [OrderedDict((n, np.asarray(f[n], np.int64 if n == "t" else x_dtype)) for n in INPUT_NAMES)
-                 for f in feeds]
-    input_dtypes = {n: feeds[0][n].dtype for n in INPUT_NAMES}
+        feeds = [OrderedDict((n, np.asarray(f[n], np.int64 if n == "t" else x_dtype))
+                             for n in CONDITIONAL_INPUT_NAMES) for f in feeds]
+    input_dtypes = {n: feeds[0][n].dtype for n in CONDITIONAL_INPUT_NAMES}
 
-    runners = [bdm_runner_for_polygraphy(TorchRunner(model=model, device="cpu"), "pytorch", input_dtypes,
-                                         np.float32),
-               OnnxrtRunner(SessionFromOnnx(onnx_path.read_bytes(), providers=["CPUExecutionProvider"]),
-                            name="onnxruntime")]
-    if engine is not None:
-        runners.append(bdm_runner_for_polygraphy(trt_runner(engine, plugins), "tensorrt", input_dtypes))
-
-    severity, colors = G_LOGGER.module_severity, G_LOGGER.colors
+    runners = [pytorch_runner(model, CONDITIONAL_INPUT_NAMES, input_dtypes, np.float32),
+               onnxruntime_runner(SessionFromOnnx(onnx_path.read_bytes(), providers=["CPUExecutionProvider"]))]
+    if open_engine is not None:
+        runners.append(engine_runner(open_engine(), input_dtypes))
     # Polygraphy's own verdict uses the plain bound; the sign-flip analysis below may overrule a miss.
-    G_LOGGER.module_severity = G_LOGGER.INFO if polygraphy_stats else G_LOGGER.CRITICAL
-    G_LOGGER.colors = False
-    try:
-        results = Comparator.run(runners, data_loader=feeds)
-
-        def within_bound(reference_iter, other_iter):  # Polygraphy prints its per-output error statistics
-            atol = {name: tol * float(np.abs(v).max()) for name, v in reference_iter.items()}
-            return SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="max")(reference_iter, other_iter)
-
-        Comparator.compare_accuracy(results, comparisons=[(0, i) for i in range(1, len(runners))],
-                                    compare_func=within_bound)
-    finally:
-        G_LOGGER.module_severity, G_LOGGER.colors = severity, colors
-
+    results = run_comparator(runners, feeds, bound=tol if polygraphy_stats else None)
     if polygraphy_stats:
-        log(f"bdm verdict: max|diff| <= {tol:.0e} * max|eps|, else the sign-flip analysis (export/validate.py)")
-    outputs = {name: [np.asarray(it[OUTPUT_NAME], np.float32) for it in iterations] for name, iterations in results}
+        log(f"bdm verdict: max|diff| <= {tol:.0e} * max|eps|, else the sign-flip analysis "
+            f"(export/bidiffsr/validate.py)")
+    outputs = {name: [np.asarray(it[OUTPUT_NAME], np.float32) for it in iterations]
+               for name, iterations in results.items()}
     probe = None
     cases = []
     for name in list(outputs)[1:]:
         for i, feed in enumerate(feeds):
             y_ref, y = outputs["pytorch"][i], outputs[name][i]
             t0 = int(feed["t"][0])
-            case = CaseResult(name, t0, spec.group_index(t0, num_groups, total_steps),
-                              float(np.abs(y - y_ref).max()), relative_error(y_ref, y), False)
+            case = CaseResult(runner=name, t0=t0, rel=relative_error(y_ref, y),
+                              group=spec.group_index(t0, num_groups, total_steps),
+                              max_abs=float(np.abs(y - y_ref).max()))
             case.passed = case.rel <= tol
             if name == "onnxruntime" and (not case.passed or dtype == "float16"):
                 probe = probe or OnnxLayerProbe(onnx_model)
@@ -398,42 +326,10 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
     return ValidationReport(tolerance=tol, cases=cases, dtype=dtype)
 
 
-def check_metadata(onnx_model: onnx.ModelProto, path) -> Dict[str, str]:
-    """The bdm metadata of a model written by `bdm export` (BdmError otherwise)."""
-    meta = read_metadata(onnx_model)
-    if meta.get("format") != "1":
-        raise BdmError(f"{path} was not written by `bdm export` (no bdm metadata); export it with `bdm export`")
-    return meta
-
-
-def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shape: str = "1x64x64", seed: int = 0,
-                  log=print) -> ValidationReport:
-    """`bdm validate`: the PyTorch reference is `ckpt` loaded with `config`, by default the network the export
-    recorded in the model, and with the exact-zero weight resolution the export recorded."""
-    model_path = Path(model_path)
-    nhw = parse_nhw(shape, "--shape")
-    if not model_path.is_file():
-        raise BdmError(f"{model_path}: no such ONNX file; export one with `bdm export`")
-    try:
-        onnx_model = onnx.load(str(model_path))
-    except Exception as e:  # protobuf's DecodeError and onnx's own errors
-        raise BdmError(f"{model_path} is not an ONNX model ({type(e).__name__}); pass a file written by "
-                       f"`bdm export`") from None
-    meta = check_metadata(onnx_model, model_path)
-    if meta.get("family") == "binarydm":
-        from bdm.export.binarydm import validate as binarydm_validate
-
-        return binarydm_validate.validate_file(model_path, onnx_model, meta, ckpt, config, engine, plugins, shape,
-                                                seed, log)
-    network = config if config is not None else json.loads(meta["network_g"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exact-zero weights: resolved as the export did, below
-        model = load_model(ckpt, config=network)
-    if meta.get("checkpoint_sha256") not in (None, file_sha256(ckpt)):
-        log(f"note: {ckpt} is not the file this model was exported from ({meta.get('checkpoint')}); "
-            f"differences below may be weights, not the export")
-    zero_sign = {"none": None, "+1": 1, "-1": -1}[meta.get("zero_weight_sign", "none")]
-    resolve_zero_weights(model, zero_sign, f"checkpoint {ckpt}")
-    log(f"comparing {model_path} ({meta.get('dtype')}) with {ckpt}: inputs {shape}, t at both ends of every "
-        f"timestep group, seed {seed}")
-    return compare(model_path, model, nhw=nhw, seed=seed, engine=engine, plugins=plugins, log=log)
+def compare_file(model_path: Path, onnx_model: onnx.ModelProto, metadata: ModelMetadata, model: torch.nn.Module, ckpt,
+                 nhw, open_engine: Optional[Callable], seed: int, log: Callable[[str], None]) -> ValidationReport:
+    """`bdm validate` of a BI-DiffSR export against its reference `model`, loaded from `ckpt`
+    (registry.validate_file)."""
+    log(f"comparing {model_path} ({metadata.dtype}) with {ckpt}: inputs {'x'.join(map(str, nhw))}, t at both ends of "
+        f"every timestep group, seed {seed}")
+    return compare(model_path, model, nhw=nhw, seed=seed, open_engine=open_engine, log=log)

@@ -23,17 +23,16 @@ Reference: ../shared/reference/binarydm/README.md ("Exact semantics") and ARCHIT
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bdm.errors import BdmError
+from bdm.export.binarydm.config import ACT_BITS, MODES
 from bdm.plugins.multibasis_reference import pack_bases
 
-MODES = ("static", "dynamic", "w1a32", "fp")
-ACT_BITS = (4, 8, None)  # None: the layer never quantizes its input
 PRECISIONS = ("bnn", "full")
 ORDERS = (1, 2)
 
@@ -96,12 +95,11 @@ class BinarizedLayerExport:
 
     kind: "conv2d" | "conv1d" | "linear"; weight_shape [O, I, *taps]; stride, padding (0 for linear).
     sign_planes: int8 [order, O, I, *taps] with values -1/0/+1 (B1, then B2 for order 2).
-    packed_signs: int32 [order, O, *taps, ceil(I/32)] in the plugins/common.yaml bit layout (None when a plane
-                  holds a 0, which one bit cannot represent; `zero_signs` lists them).
+    packed_signs: int32 [order, O, *taps, ceil(I/32)] in the plugins/common.yaml bit layout (a plane holding a 0,
+                  which one bit cannot represent, raises ZeroWeightError: base.sign_zeros finds and resolves them).
     scales: float32 [order, O] (s1, then s2). bias: float32 [O].
     act_bits: 4 / 8, or None when the input is not quantized. act_step: the stored static step alpha, float32 [1]
               (the forward divides by effective_step(alpha, numel(x), Qp), which can be 1 ulp off alpha).
-    zero_signs: (basis index 0/1, (o, i, *tap)) of every sign that is 0.
     """
 
     kind: str
@@ -110,12 +108,11 @@ class BinarizedLayerExport:
     padding: int
     order: int
     sign_planes: torch.Tensor
-    packed_signs: Optional[torch.Tensor]
+    packed_signs: torch.Tensor
     scales: torch.Tensor
     bias: torch.Tensor
     act_bits: Optional[int]
     act_step: torch.Tensor
-    zero_signs: List[Tuple[int, Tuple[int, ...]]]
 
 
 class BinarizedLayer(nn.Module):
@@ -196,15 +193,13 @@ class BinarizedLayer(nn.Module):
         """The layer as an exporter reads it (see BinarizedLayerExport)."""
         with torch.no_grad():
             planes = self.sign_planes().to(torch.int8).cpu()
-            zeros = [(int(p[0]), tuple(int(v) for v in p[1:])) for p in torch.nonzero(planes == 0)]
             scales = [self.scaling_first_order, self.scaling_second_order][:self.order]
             return BinarizedLayerExport(
                 kind=self.kind, weight_shape=tuple(self.weight.shape), stride=self.stride, padding=self.padding,
-                order=self.order, sign_planes=planes,
-                packed_signs=None if zeros else torch.from_numpy(pack_bases(planes.numpy())),
+                order=self.order, sign_planes=planes, packed_signs=torch.from_numpy(pack_bases(planes.numpy())),
                 scales=torch.stack([s.detach().reshape(-1).float().cpu() for s in scales]),
                 bias=self.bias.detach().float().cpu(), act_bits=self.act_bits if self.quantizes_input() else None,
-                act_step=self.quantizer_a.alpha.detach().float().cpu(), zero_signs=zeros)
+                act_step=self.quantizer_a.alpha.detach().float().cpu())
 
     def extra_repr(self) -> str:
         return (f"{self.kind} {tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}, "

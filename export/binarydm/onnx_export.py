@@ -1,12 +1,12 @@
-"""`bdm export` for the BinaryDM family: a BinaryDMUNet -> one ONNX file, graph `x_t` [N, C, H, W] float32, `t` [N]
-int64 -> `eps` [N, C, H, W], N, H and W dynamic.
+"""`bdm export` of a BinaryDM network: one ONNX file, graph `x_t` [N, C, H, W] float32, `t` [N] int64 -> `eps`
+[N, C, H, W], N, H and W dynamic.
 
-The same machinery as the BI-DiffSR exporter (bdm.export.bidiffsr.onnx_export): for the duration of the export every
-binarized layer is swapped for a `PackedMultiBasisLayer` holding the spec's inputs (packed sign bases, scales,
-bias, step) that emits one `bdm::MultiBasisConv` node; the network is traced with the TorchScript exporter and
-post-processed the same way (function bodies attached, metadata, latent-weight check, checker, atomic write).
+The machinery of every bdm export (base.onnx_graph): for the duration of the export every binarized layer is swapped
+for a `PackedMultiBasisLayer` holding the spec's inputs (packed sign bases, scales, bias, step) that emits one
+`bdm::MultiBasisConv` node; the network is traced and finished the same way (function bodies attached, metadata,
+latent-weight check, checker, atomic write).
 
-Activation-step modes (binarydm_layers.MODES), recorded as metadata `bdm.act_mode`:
+Modes (config.MODES), recorded as metadata `bdm.act_mode`:
 - static: the stored alpha of every quantizer is an initializer fed to the node (the deployment default).
 - dynamic: the step 2*mean|x|/sqrt(Qp) is computed in the graph (ReduceMean(Abs(x)) over the whole tensor, batch
   included) before every quantizer, as the official training code runs.
@@ -15,40 +15,36 @@ Activation-step modes (binarydm_layers.MODES), recorded as metadata `bdm.act_mod
 The attention's four quantizers are exported with standard ops (Clip, QuantizeLinear, DequantizeLinear), built by the
 same code as the function body's quantizer (multibasis_functions.act_quantize) over the TorchScript graph.
 
-Exact-zero latent weights (sign 0) and exact-zero second-basis residuals W - s1*sign(W) cannot be packed: they are
-refused with their location, or with zero_sign = +1/-1 the latent weight is moved to give that sign (0 becomes
-zero_sign * the smallest normal float32; W = s1*B1 moves by one ulp) in the model itself, so that the PyTorch
-reference and the export agree.
+Sign-0 weights (exact-zero latent weights, exact-zero second-basis residuals W - s1*sign(W)) cannot be packed: they
+are refused or resolved by base.sign_zeros.
 """
 
-import io
-import json
-import math
-import time
-import warnings
+import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from bdm.contract import (BINARYDM, DEFAULT_OPSET, FORMAT_VERSION, OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES,
+                          ZERO_SIGN_TEXT, ModelMetadata)
 from bdm.errors import BdmError
 from bdm.export.base import functions
-from bdm.export.binarydm.network import BinaryDMUNet, binarized_layers, sampling_options, unet_params
-from bdm.export.binarydm.layers import (MODES, ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range,
-                                        dynamic_step, effective_step, set_mode)
+from bdm.export.base.family import ExportOptions
 from bdm.export.base.multibasis_functions import act_quantize
-from bdm.contract import DEFAULT_OPSET
-from bdm.export.bidiffsr.onnx_export import (ExportSummary, check_no_binarized_weights, check_options, finish_model,
-                                    swapped_modules, write_validated)
-from bdm.files import check_output_path, file_sha256
+from bdm.export.base.onnx_graph import (check_no_binarized_weights, check_options, finish_model, swapped_modules,
+                                        trace, write_validated)
+from bdm.export.base.sign_zeros import refuse_sign_zeros, resolve_sign_zeros
+from bdm.export.binarydm.config import MODES, sampling_options, unet_params
+from bdm.export.binarydm.layers import (ActQuantizer, BinarizedLayer, QuantizedQKVAttention, act_range, dynamic_step,
+                                        effective_step, set_mode)
+from bdm.export.binarydm.network import BinaryDMUNet, binarized_layers, sign_sources
+from bdm.files import file_sha256
 from bdm.plugins.multibasis_reference import multibasis_conv
 
 OP_TYPE = "MultiBasisConv"
-INPUT_NAMES = ("x_t", "t")
-OUTPUT_NAME = "eps"
 SPATIAL_DIMS = {"linear": 0, "conv1d": 1, "conv2d": 2}
 # Trace shape: any multiple of the UNet's size multiple works (N, H, W are dynamic); batch 2 so no dimension is 1.
 _TRACE_BATCH = 2
@@ -123,10 +119,6 @@ class PackedMultiBasisLayer(nn.Module):
     def __init__(self, layer: BinarizedLayer, act_bits: int, dynamic: bool):
         super().__init__()
         view = layer.export_view()
-        if view.zero_signs:
-            basis, index = view.zero_signs[0]
-            raise BdmError(f"internal: {len(view.zero_signs)} zero signs left in a {view.kind} (basis {basis + 1}, "
-                           f"index {list(index)}); resolve_zero_signs must run first")
         self.attributes = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, num_bases=view.order,
                                spatial_dims=SPATIAL_DIMS[view.kind],
                                kernel_size=view.weight_shape[2] if len(view.weight_shape) > 2 else 1,
@@ -156,44 +148,6 @@ class ExportActQuantizer(nn.Module):
         return _ActQuantize.apply(x, _step(self.alpha, x, self.bits, dynamic), self.bits)
 
 
-# --- exact zeros -----------------------------------------------------------------------------------------------
-
-def zero_signs(model: nn.Module):
-    """(layer path, basis 1/2, index) of every sign 0 of the binarized layers."""
-    found = []
-    for path, layer in binarized_layers(model):
-        if layer.binarized:
-            found += [(path, basis + 1, index) for basis, index in layer.export_view().zero_signs]
-    return found
-
-
-def resolve_zero_signs(model: nn.Module, zero_sign: Optional[int], source: str) -> int:
-    """Refuse sign-0 weights (naming the first), or give them zero_sign by moving the latent weight (module doc).
-    Returns how many were resolved."""
-    found = zero_signs(model)
-    if not found:
-        return 0
-    path, basis, index = found[0]
-    if zero_sign is None:
-        what = "exact-zero latent weights" if basis == 1 else "exact-zero second-basis residuals W - s1*sign(W)"
-        raise BdmError(f"{source}: {len(found)} sign-0 weights, which 1-bit packing cannot hold (first: {what} in "
-                       f"{path}.weight at [o, c, ...] = {list(index)}, basis {basis}); pass --zero-weight-sign +1 "
-                       f"or -1 to export them with that sign")
-    layers = dict(binarized_layers(model))
-    target = torch.tensor(zero_sign * math.inf)
-    with torch.no_grad():
-        for basis in (1, 2):  # a zero latent weight is a zero of both bases: moving it settles the second too
-            for path, _, index in (f for f in zero_signs(model) if f[1] == basis):
-                weight = layers[path].weight
-                weight[index] = (zero_sign * torch.finfo(torch.float32).tiny if basis == 1
-                                 else torch.nextafter(weight[index], target))
-    remaining = zero_signs(model)
-    if remaining:
-        raise BdmError(f"internal: {len(remaining)} sign-0 weights remain after --zero-weight-sign "
-                       f"(first {remaining[0]})")
-    return len(found)
-
-
 # --- export ------------------------------------------------------------------------------------------------------
 
 def _swap(mode: str):
@@ -213,15 +167,6 @@ def _swap(mode: str):
         return None
 
     return replace
-
-
-def _trace(model: nn.Module, opset: int, example_inputs, input_names, output_name, dynamic_axes) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer notes
-        torch.onnx.export(model, example_inputs, buffer, input_names=list(input_names), output_names=[output_name],
-                          opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes)
-    return onnx.load_from_string(buffer.getvalue())
 
 
 def _check_arguments(mode: str, opset: int):
@@ -247,7 +192,7 @@ def _traced_in_mode(root: nn.Module, mode: str, opset: int, examples, input_name
     set_mode(root, mode)
     try:
         with swapped_modules(root, _swap(mode) if mode != "fp" else lambda path, module: None):
-            onnx_model = _trace(root, opset, examples, input_names, output_name, dynamic_axes)
+            onnx_model = trace(root, examples, input_names, output_name, dynamic_axes, opset)
     finally:
         for module, previous in previous_modes.items():
             module.mode = previous
@@ -257,24 +202,24 @@ def _traced_in_mode(root: nn.Module, mode: str, opset: int, examples, input_name
 
 
 def to_onnx(model: BinaryDMUNet, mode: str = "static", opset: int = DEFAULT_OPSET,
-            metadata: Optional[Dict[str, str]] = None) -> onnx.ModelProto:
+            metadata: Optional[ModelMetadata] = None) -> onnx.ModelProto:
     """The ONNX model of a BinaryDM UNet in `mode` (the network itself is left as it was). Sign-0 weights raise
-    BdmError unless resolve_zero_signs ran first."""
+    BdmError unless resolve_sign_zeros ran first; `metadata`: what the caller records beyond the export's own."""
     if not isinstance(model, BinaryDMUNet):
         raise BdmError(f"the BinaryDM exporter handles BinaryDM UNets; got a {type(model).__name__}")
     _check_arguments(mode, opset)
-    resolve_zero_signs(model, None, "the network")  # refuse what was not resolved
+    refuse_sign_zeros(sign_sources, model, "the network")
     size = 2 * model.size_multiple
     x_t = torch.randn(_TRACE_BATCH, model.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([999, 10][:_TRACE_BATCH], dtype=torch.int64)
     spatial = {0: "N", 2: "H", 3: "W"}
     axes = {"x_t": spatial, "t": {0: "N"}, OUTPUT_NAME: spatial}
-    onnx_model = _traced_in_mode(model, mode, opset, (x_t, t), INPUT_NAMES, OUTPUT_NAME, axes)
+    onnx_model = _traced_in_mode(model, mode, opset, (x_t, t), UNCONDITIONAL_INPUT_NAMES, OUTPUT_NAME, axes)
     binarized = [layer for _, layer in binarized_layers(model) if layer.binarized]
-    meta = {"format": "1", "family": "binarydm", "dtype": "fp32", "act_mode": mode,
-            "binarized_layers": str(len(binarized)),
-            "binarized_params": str(sum(layer.weight.numel() for layer in binarized)), **(metadata or {})}
-    return finish_model(onnx_model, meta)
+    recorded = dataclasses.replace(metadata or ModelMetadata(), format=FORMAT_VERSION, family=BINARYDM, dtype="fp32",
+                                   act_mode=mode, binarized_layers=len(binarized),
+                                   binarized_params=sum(layer.weight.numel() for layer in binarized))
+    return finish_model(onnx_model, recorded)
 
 
 class _Root(nn.Module):
@@ -293,36 +238,32 @@ def layer_to_onnx(module: nn.Module, mode: str, examples, input_names=("x",),
     """One binarized layer, attention core or block alone, exported as the UNet exporter exports it: graph inputs
     `input_names` (e.g. x, emb) -> `y`, batch and spatial axes dynamic; for checking against per-layer goldens."""
     _check_arguments(mode, opset)
-    resolve_zero_signs(module, None, "the layer")
+    refuse_sign_zeros(sign_sources, module, "the layer")
     axes = {name: {d: f"{name}_{d}" for d in [0, *range(2, example.dim())]}
             for name, example in zip(input_names, examples)}
     axes["y"] = {d: f"y_{d}" for d in [0, *range(2, examples[0].dim())]}
     onnx_model = _traced_in_mode(_Root(module), mode, opset, tuple(examples), input_names, "y", axes)
-    return finish_model(onnx_model, {"format": "1", "family": "binarydm", "act_mode": mode})
+    return finish_model(onnx_model, ModelMetadata(format=FORMAT_VERSION, family=BINARYDM, act_mode=mode))
 
 
-def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: int = DEFAULT_OPSET,
-                      validate: bool = True, zero_weight_sign: Optional[int] = None,
-                      log: Callable[[str], None] = print, model: Optional[BinaryDMUNet] = None) -> ExportSummary:
-    """`bdm export` of a BinaryDM checkpoint (or of `model`, already loaded from it): resolve or refuse sign-0
-    weights, export in `mode`, check, validate against PyTorch unless validate=False, write atomically."""
-    start = time.perf_counter()
-    output = check_output_path(output)
-    _check_arguments(mode, opset)
-    if model is None:
-        from bdm.export.base.checkpoint import load_model
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exact zeros: resolved or refused below
-            model = load_model(ckpt, config=config, family="binarydm")
-    resolved = resolve_zero_signs(model, zero_weight_sign, f"checkpoint {ckpt}")
+def export_checkpoint(ckpt, output: Path, config, model: BinaryDMUNet, options: ExportOptions,
+                      log: Callable[[str], None]):
+    """`bdm export` of a loaded BinaryDM checkpoint (registry.export_checkpoint): sign-0 weights resolved or refused,
+    exported in options.mode, and (options.validate) compared with PyTorch before `output` is written; returns the
+    report."""
+    if options.dtype != "fp32" or not options.fused:
+        raise BdmError(f"{ckpt} is a BinaryDM checkpoint: its export is fp32 with one MultiBasisConv node per "
+                       f"layer; leave out --dtype {options.dtype} / --no-fused")
+    mode = options.mode or MODES[0]
+    _check_arguments(mode, options.opset)
+    zero_sign = options.zero_weight_sign
+    resolved = resolve_sign_zeros(sign_sources, model, zero_sign, f"checkpoint {ckpt}")
     if resolved:
-        log(f"{resolved} sign-0 weights exported as {zero_weight_sign:+d}")
-    metadata = {"unet": json.dumps(unet_params(config), sort_keys=True),
-                "sampling": json.dumps(sampling_options(config), sort_keys=True),
-                "zero_weight_sign": {None: "none", 1: "+1", -1: "-1"}[zero_weight_sign],
-                "checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt)}
-    onnx_model = to_onnx(model, mode, opset, metadata)
+        log(f"{resolved} sign-0 weights exported as {zero_sign:+d}")
+    recorded = ModelMetadata(unet=unet_params(config), sampling=sampling_options(config),
+                             zero_weight_sign=ZERO_SIGN_TEXT[zero_sign], checkpoint=Path(ckpt).name,
+                             checkpoint_sha256=file_sha256(ckpt))
+    onnx_model = to_onnx(model, mode, options.opset, recorded)
 
     def compare(path):
         from bdm.export.binarydm.validate import TIMESTEPS, compare as compare_outputs
@@ -331,5 +272,4 @@ def export_checkpoint(ckpt, output, config=None, mode: str = "static", opset: in
             f"also teacher-forced")
         return compare_outputs(path, model, mode, log=log)
 
-    report = write_validated(onnx_model, output, compare if validate else None)
-    return ExportSummary(output, time.perf_counter() - start, report)
+    return write_validated(onnx_model, output, compare if options.validate else None)

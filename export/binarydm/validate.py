@@ -1,5 +1,6 @@
-"""Parity of an exported BinaryDM model: ONNX Runtime against the PyTorch reference in the export's mode, on seeded
-inputs at the start, middle and end of the schedule.
+"""`bdm validate` of a BinaryDM export: ONNX Runtime (and a TensorRT engine) against the PyTorch reference in the
+export's mode through the validation harness (base.validation: Polygraphy's Comparator, one feed at a time so that the
+per-layer values of only one feed are held), on seeded inputs at the start, middle and end of the schedule.
 
 Bound: max|y - y_ref| <= 1e-5 * max|y_ref| (fp32). In w1a32 and fp the whole network is well conditioned and must
 meet it. A W1A4 network in static or dynamic mode is chaotic: a value that lands within rounding of a 4-bit code
@@ -17,30 +18,30 @@ Nothing is loosened: a flip is reported with its quantizer, never absorbed into 
 """
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 import torch
 
+from bdm.contract import OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES, ModelMetadata
+from bdm.errors import BdmError
 from bdm.export.base import functions
-from bdm.export.binarydm.network import binarized_layers
+from bdm.export.base.validation import (ParityCase, ParityReport, case_line, engine_runner, module_path,
+                                        onnxruntime_runner, pytorch_runner, relative_error, run_comparator)
+from bdm.export.base.validation import TOLERANCE as TOLERANCES
 from bdm.export.binarydm.layers import ActQuantizer, act_range, set_mode
-from bdm.export.binarydm.onnx_export import INPUT_NAMES, OP_TYPE, OUTPUT_NAME
-from bdm.export.bidiffsr.onnx_export import ParityReport, case_line
+from bdm.export.binarydm.network import binarized_layers
+from bdm.export.binarydm.onnx_export import OP_TYPE
 from bdm.plugins.multibasis_reference import activation_step
 
-TOLERANCE = 1e-5
+TOLERANCE = TOLERANCES["float32"]
 # A code flip is rounding-level chaos only where x / step lies this close (in code units) to the midpoint between
 # the two codes: the two runtimes' x differ by ~1e-7 relative, |x / step| <= 128.
 FLIP_MARGIN = 1e-4
 TIMESTEPS = (999, 500, 1)
 CHAOTIC_MODES = ("static", "dynamic")
-
-
-def relative_error(reference, other) -> float:
-    reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
-    return float(np.abs(other - reference).max() / (np.abs(reference).max() or 1.0))
 
 
 @dataclass
@@ -68,15 +69,6 @@ class ProbedQuantizer:
     step: str  # the effective step (the grad_scale result)
 
 
-def module_path(node_name: str) -> str:
-    """'/input_blocks.4/input_blocks.4.1/attention/act_quantizer_q/DequantizeLinear' ->
-    'input_blocks.4.1.attention.act_quantizer_q' (the TorchScript exporter's scope names)."""
-    path = ""
-    for part in node_name.strip("/").split("/")[:-1]:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    return path
-
-
 def probed_quantizers(model: onnx.ModelProto) -> List[ProbedQuantizer]:
     producers = {o: n for n in model.graph.node for o in n.output}
     found = []
@@ -89,7 +81,7 @@ def probed_quantizers(model: onnx.ModelProto) -> List[ProbedQuantizer]:
 
 class OnnxProbe:
     """ONNX Runtime on the model with every MultiBasisConv node's input, step and output, and every attention
-    quantizer's input and step, as extra outputs."""
+    quantizer's input and step, as extra outputs (the session the onnxruntime runner runs)."""
 
     def __init__(self, model: onnx.ModelProto):
         import onnxruntime as ort
@@ -104,9 +96,6 @@ class OnnxProbe:
         probed.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                    for n in self.names[1:])
         self.session = ort.InferenceSession(probed.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    def run(self, feed) -> Dict[str, np.ndarray]:
-        return dict(zip(self.names, self.session.run(self.names, dict(feed))))
 
 
 @contextlib.contextmanager
@@ -129,7 +118,7 @@ def hooked_run(model, feed, handles) -> np.ndarray:
     """eps of `model` on `feed`; the hooks of `handles` are removed afterwards, whatever happens."""
     try:
         with torch.no_grad():
-            return model(*(torch.from_numpy(feed[n]) for n in INPUT_NAMES)).numpy()
+            return model(*(torch.from_numpy(feed[n]) for n in UNCONDITIONAL_INPUT_NAMES)).numpy()
     finally:
         for handle in handles:
             handle.remove()
@@ -222,17 +211,11 @@ def forced_codes_run(model, feed, quantizers: Dict[str, Tuple[np.ndarray, np.flo
 
 
 @dataclass
-class CaseResult:
-    t0: int
-    rel: float
-    passed: bool
-    runner: str = "onnxruntime"                 # or "tensorrt" (bdm validate --engine)
+class CaseResult(ParityCase):
     layers: int = 0                             # teacher-forced layer checks
     worst_layer: Tuple[str, float] = ("", 0.0)  # largest teacher-forced error
     first_divergence: Optional[str] = None      # first layer whose input differed between the free runs
-    forced_rel: Optional[float] = None          # output error with ONNX Runtime's codes forced into PyTorch
-    flips: Flips = field(default_factory=Flips)
-    note: str = ""
+    flips: Flips = field(default_factory=Flips)  # of the forced-codes run (forced_rel: its output error)
 
     def line(self, tolerance: float) -> str:
         text = f"{self.runner:>11} t={self.t0:<4} max|eps diff| rel {self.rel:.2e} (bound {tolerance:.0e})"
@@ -277,23 +260,30 @@ def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: 
 
 
 def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: int = 2,
-            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine_runner=None,
+            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine=None,
             log: Callable[[str], None] = print) -> ValidationReport:
-    """ONNX Runtime (and `engine_runner`, a TrtRunner, when given) vs `model` (put in `mode` for the comparison) on
-    seeded feeds; see the module doc. An engine gives no per-layer values, so its cases are judged by the plain
-    bound: in a chaotic mode a rounding-level code flip fails them (the onnxruntime lines show whether flips occur)."""
+    """ONNX Runtime (and `engine`, a bdm runner of a TensorRT engine, when given) vs `model` (put in `mode` for the
+    comparison) on seeded feeds; see the module doc. An engine gives no per-layer values, so its cases are judged by
+    the plain bound: in a chaotic mode a rounding-level code flip fails them (the onnxruntime lines show whether
+    flips occur)."""
     onnx_model = onnx.load(str(onnx_path))
     probe = OnnxProbe(onnx_model)
     layers = dict(binarized_layers(model))
     size = size or max(32, 2 * model.size_multiple)
+    input_dtypes = {"x_t": np.dtype(np.float32), "t": np.dtype(np.int64)}
+    runners = [pytorch_runner(model, UNCONDITIONAL_INPUT_NAMES, input_dtypes),
+               onnxruntime_runner(lambda: probe.session)]
+    if engine is not None:
+        runners.append(engine_runner(engine, input_dtypes))
     previous = {m: m.mode for m in model.modules() if hasattr(m, "mode")}
     set_mode(model, mode)
     report = ValidationReport(tolerance=TOLERANCE, cases=[], mode=mode)
     try:
         for feed in validation_feeds(model.in_channels, size, timesteps, batch, seed):
-            ours = probe.run(feed)
-            reference, torch_values = torch_run(model, feed)
-            case = CaseResult(int(feed["t"][0]), relative_error(reference, ours[OUTPUT_NAME]), False)
+            outputs = run_comparator(runners, [feed])
+            reference, ours = outputs["pytorch"][0][OUTPUT_NAME], outputs["onnxruntime"][0]
+            case = CaseResult(runner="onnxruntime", t0=int(feed["t"][0]),
+                              rel=relative_error(reference, ours[OUTPUT_NAME]))
             for node in probe.nodes:
                 layer = layers[node.path]
                 with forced_step(layer, ours[node.act_step] if node.act_step else None), torch.no_grad():
@@ -304,7 +294,7 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
                     case.worst_layer = (node.path, rel)
             case.passed = case.worst_layer[1] <= TOLERANCE and case.rel <= TOLERANCE
             if case.rel > TOLERANCE:
-                case.first_divergence = first_divergence(torch_values, ours, probe.nodes)
+                case.first_divergence = first_divergence(torch_run(model, feed)[1], ours, probe.nodes)
                 if mode in CHAOTIC_MODES:
                     forced, flips = forced_codes_run(model, feed, onnx_quantizers(model, ours, probe))
                     case.flips = flips
@@ -318,9 +308,9 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
                     case.note = f"{mode} is not chaotic: this is an export error"
             log(case.line(TOLERANCE))
             report.cases.append(case)
-            if engine_runner is not None:
-                eps = engine_runner.to_host(engine_runner.infer(feed)[OUTPUT_NAME])
-                case = CaseResult(int(feed["t"][0]), relative_error(reference, eps), False, "tensorrt")
+            if engine is not None:
+                case = CaseResult(runner="tensorrt", t0=int(feed["t"][0]),
+                                  rel=relative_error(reference, outputs["tensorrt"][0][OUTPUT_NAME]))
                 case.passed = case.rel <= TOLERANCE
                 if not case.passed:
                     case.note = "no per-layer values from an engine: see the onnxruntime line for code flips"
@@ -332,36 +322,15 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
     return report
 
 
-def validate_file(model_path, onnx_model: onnx.ModelProto, meta: Dict[str, str], ckpt, config=None, engine=None,
-                  plugins=None, shape: Optional[str] = None, seed: int = 0, log: Callable[[str], None] = print) -> ValidationReport:
-    """`bdm validate` of a BinaryDM export: the PyTorch reference is `ckpt` with `config` (default: the UNet the
-    export recorded), its sign-0 weights resolved as the export recorded, compared in the export's mode."""
-    import json
-    import warnings
-
-    from bdm.errors import BdmError
-    from bdm.export.binarydm.onnx_export import resolve_zero_signs
-    from bdm.export.base.checkpoint import load_model
-    from bdm.runtime.backends import trt_runner
-    from bdm.files import file_sha256
-    from bdm.runtime.trt_backend import parse_nhw
-
-    network = config if config is not None else json.loads(meta["unet"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exact zeros: resolved as the export did, below
-        model = load_model(ckpt, config=network, family="binarydm")
-    if meta.get("checkpoint_sha256") not in (None, file_sha256(ckpt)):
-        log(f"note: {ckpt} is not the file this model was exported from ({meta.get('checkpoint')}); "
-            f"differences below may be weights, not the export")
-    resolve_zero_signs(model, {"none": None, "+1": 1, "-1": -1}[meta.get("zero_weight_sign", "none")],
-                       f"checkpoint {ckpt}")
-    batch, size = 2, None
-    if shape is not None:
-        batch, size, width = parse_nhw(shape, "--shape")
-        if size != width or size % model.size_multiple:
-            raise BdmError(f"--shape {shape}: BinaryDM validation takes square inputs whose side is a multiple of "
-                           f"{model.size_multiple}; give e.g. 2x32x32")
-    mode = meta.get("act_mode", "static")
+def compare_file(model_path: Path, onnx_model: onnx.ModelProto, metadata: ModelMetadata, model: torch.nn.Module, ckpt,
+                 nhw, open_engine: Optional[Callable], seed: int, log: Callable[[str], None]) -> ValidationReport:
+    """`bdm validate` of a BinaryDM export against its reference `model`, loaded from `ckpt`, in the export's mode
+    (registry.validate_file). nhw: batch and a square side, a multiple of the UNet's size multiple."""
+    batch, size, width = nhw
+    if size != width or size % model.size_multiple:
+        raise BdmError(f"--shape {'x'.join(map(str, nhw))}: BinaryDM validation takes square inputs whose side is a "
+                       f"multiple of {model.size_multiple}; give e.g. 2x32x32")
+    mode = metadata.act_mode or "static"
     log(f"comparing {model_path} (BinaryDM, {mode} mode) with {ckpt}: t in {list(TIMESTEPS)}, seed {seed}")
-    engine_runner = None if engine is None else trt_runner(engine, plugins)
-    return compare(model_path, model, mode, size=size, batch=batch, seed=seed, engine_runner=engine_runner, log=log)
+    engine = None if open_engine is None else open_engine()
+    return compare(model_path, model, mode, size=size, batch=batch, seed=seed, engine=engine, log=log)

@@ -134,7 +134,7 @@ def test_exact_zero_weight_is_refused_then_exported_with_a_chosen_sign(small, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zero.pth"]
     run = run_bdm("export", zero, out, "--config", config, "--zero-weight-sign", "-1", "--no-validate")
     assert run.returncode == 0, run.stderr
-    assert "1 exact-zero latent weights exported as -1" in run.stderr
+    assert "1 sign-0 weights exported as -1" in run.stderr
     # bdm validate reads the resolution from the model and applies it to its PyTorch reference
     assert run_bdm("validate", out, "--ckpt", zero, "--shape", "1x16x16").returncode == 0
 

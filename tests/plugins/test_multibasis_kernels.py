@@ -253,12 +253,13 @@ def golden_unet(bdm_ref):
     """The golden UNet with its one exact-zero latent weight given sign +1 (1 bit cannot hold 0): the kernels are
     compared with this same model in PyTorch, whose layers match the official goldens (tests/export)."""
     from bdm.export.binarydm.network import build_binarydm
-    from bdm.export.binarydm.onnx_export import resolve_zero_signs
+    from bdm.export.base.sign_zeros import resolve_sign_zeros
+    from bdm.export.binarydm.network import sign_sources
 
     meta, state, arrays = golden(bdm_ref, "unet_cifar_like_w32")
     model = build_binarydm(meta)
     model.load_state_dict(state, strict=True)
-    assert resolve_zero_signs(model, 1, "golden UNet") == 1
+    assert resolve_sign_zeros(sign_sources, model, 1, "golden UNet") == 1
     return model, arrays
 
 

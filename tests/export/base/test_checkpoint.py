@@ -10,8 +10,10 @@ import yaml
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export.base.checkpoint import FAMILIES, ZeroWeights, find_zero_binary_weights, load_model
+from bdm.export.base.sign_zeros import SignZero, find_sign_zeros
+from bdm.export.bidiffsr import network as bidiffsr
 from bdm.export.bidiffsr.config import BIDIFFSR_RELEASED, bidiffsr_network_g
+from bdm.export.registry import FAMILIES, load_model
 
 
 class NotATensor:  # a custom class: torch.load(weights_only=True) must refuse it
@@ -157,11 +159,14 @@ def test_exact_zero_binary_weights_are_found_and_warned(small, tmp_path):
     zeroed["final_conv.block.3.weight"][0, 0, 0, 0] = 0.0  # FP weight: zeros are fine there
     path = tmp_path / "zeros.pth"
     torch.save({"params": zeroed}, path)
-    with pytest.warns(UserWarning, match=r"3 exact-zero latent weights in 2 binarized convs \(first: "
-                                         r"downs.3.biconv2, 1 at index \(1, 2, 0, 1\)\).*refuse"):
+    with pytest.warns(UserWarning, match=r"3 sign-0 weights, which 1-bit packing cannot hold \(first: exact-zero "
+                                         r"latent weights in downs.3.biconv2.binary_conv.weight at \[o, c, \.\.\.\] = "
+                                         r"\[1, 2, 0, 1\], basis 1\).*refuse"):
         model = load_model(path, config=config)
-    assert find_zero_binary_weights(model) == [ZeroWeights("downs.3.biconv2", 1, (1, 2, 0, 1)),
-                                               ZeroWeights("ups.20.biconv1", 2, (0, 0, 2, 2))]
+    weight = "ups.20.biconv1.binary_conv.weight"
+    assert find_sign_zeros(bidiffsr.sign_sources(model)) == [
+        SignZero("downs.3.biconv2.binary_conv.weight", 1, (1, 2, 0, 1)), SignZero(weight, 1, (0, 0, 2, 2)),
+        SignZero(weight, 1, (5, 1, 0, 0))]
 
 
 def test_network_config_parsing_and_validation(bi_ref, tmp_path):

@@ -1,6 +1,6 @@
-"""`bdm validate`'s comparison (export/validate.py): Polygraphy's Comparator with ONNX Runtime and a PyTorch
-runner; the sign-flip analysis passes a flip at a value within rounding of zero and fails real errors (a
-threshold off by more than rounding, a flipped weight bit)."""
+"""`bdm validate`'s comparison of a BI-DiffSR export (bdm.export.bidiffsr.validate): Polygraphy's Comparator with
+ONNX Runtime and a PyTorch runner; the sign-flip analysis passes a flip at a value within rounding of zero and fails
+real errors (a threshold off by more than rounding, a flipped weight bit)."""
 
 import numpy as np
 import onnx
@@ -8,6 +8,7 @@ import pytest
 
 import bdm
 from bdm.errors import BdmError
+from bdm.export.base.onnx_graph import write_validated
 from bdm.export.bidiffsr import onnx_export, validate
 from bdm.plugins import spec
 
@@ -122,7 +123,7 @@ def test_a_flipped_weight_bit_fails(small_onnx, small_model, tmp_path):
         return reports[-1]
 
     with pytest.raises(BdmError, match=r"beyond 1e-05 \* max\|eps\| in 1 of 1 cases \(lines above\); no file written"):
-        onnx_export.write_validated(broken, tmp_path / "b.onnx", compare)  # as `bdm export` writes its file
+        write_validated(broken, tmp_path / "b.onnx", compare)  # as `bdm export` writes its file
     assert list(tmp_path.iterdir()) == []
     (case,) = reports[0].cases
     assert not case.passed and case.forced_rel > 1e-5

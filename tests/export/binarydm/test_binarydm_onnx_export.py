@@ -17,8 +17,10 @@ from onnx import helper
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export.bidiffsr import onnx_export
+from bdm.export.base.onnx_graph import check_no_binarized_weights, write_validated
+from bdm.export.base.sign_zeros import resolve_sign_zeros
 from bdm.export.binarydm import onnx_export as binarydm_onnx, validate as binarydm_validate
+from bdm.export.binarydm.network import sign_sources
 from bdm.export.binarydm.network import binarized_layers
 from bdm.export.binarydm.layers import set_mode
 
@@ -103,7 +105,7 @@ def resolved_unet(bdm_ref):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = bdm.load_model(bdm_ref / f"{UNET}.pt", config=bdm_ref / f"{UNET}.json")
-    assert binarydm_onnx.resolve_zero_signs(model, +1, "golden") == 1
+    assert resolve_sign_zeros(sign_sources, model, +1, "golden") == 1
     return model
 
 
@@ -215,8 +217,7 @@ def test_latent_weight_check_finds_each_form_of_a_binarized_weight(resolved_unet
     leaky.CopyFrom(unet_exports["static"])
     leaky.graph.initializer.append(onnx.numpy_helper.from_array(value.detach().numpy(), "leak"))
     with pytest.raises(BdmError, match=rf"leak .* binarized layer {re.escape(path)}$"):
-        onnx_export.check_no_binarized_weights(leaky, binarydm_onnx._binarized_weights(resolved_unet),
-                                               "binarized layer")
+        check_no_binarized_weights(leaky, binarydm_onnx._binarized_weights(resolved_unet), "binarized layer")
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
@@ -267,7 +268,7 @@ def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path
         return reports[-1]
 
     with pytest.raises(BdmError, match=r"beyond 1e-05 \(lines above\); no file written"):
-        onnx_export.write_validated(broken, tmp_path / "broken.onnx", compare)  # as `bdm export` writes its file
+        write_validated(broken, tmp_path / "broken.onnx", compare)  # as `bdm export` writes its file
     assert list(tmp_path.iterdir()) == []
     case = reports[0].cases[0]
     assert not reports[0].passed and case.rel > 1e-5
@@ -280,8 +281,8 @@ def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path
 def test_report_with_an_engine_case_that_misses_the_bound():
     """An engine case has no forced-codes diagnosis: the report fails and its summary names the worst error (the
     chaotic-mode details cover ONNX Runtime's diagnosed cases only)."""
-    ort = binarydm_validate.CaseResult(999, 2e-7, True, layers=3, worst_layer=("out.2", 1e-7))
-    engine = binarydm_validate.CaseResult(999, 3e-2, False, "tensorrt", note="no per-layer values from an engine")
+    ort = binarydm_validate.CaseResult("onnxruntime", 999, 2e-7, True, layers=3, worst_layer=("out.2", 1e-7))
+    engine = binarydm_validate.CaseResult("tensorrt", 999, 3e-2, False, note="no per-layer values from an engine")
     report = binarydm_validate.ValidationReport(tolerance=1e-5, cases=[ort, engine], mode="static")
     assert not report.passed
     assert report.summary() == "worst error 3.0e-02 * max|eps| (bound 1e-05) over 2 cases"

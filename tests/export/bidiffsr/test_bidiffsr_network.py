@@ -1,6 +1,6 @@
 """The PyTorch BI-DiffSR network against the official goldens (../shared/reference/bi_diffsr).
 
-Two arithmetics (bdm.export.bidiffsr.ARITHMETICS): "official" must reproduce the official outputs bit for bit
+Two modes (bdm.export.bidiffsr.config.MODES): "official" must reproduce the official outputs bit for bit
 (1 thread, as the goldens were made); "deploy" (the default, the op spec's alpha*dot) must stay within
 1e-5 * max|golden| unless a pre-sign value sits within rounding of 0, which the sign traces then show.
 """
@@ -13,8 +13,9 @@ import torch
 
 import bdm
 from bdm.errors import BdmError
-from bdm.export.bidiffsr.network import (ARITHMETICS, BIConv, BIDiffSRUNet, biconvs, build_bidiffsr, first_sign_divergence,
-                                 set_arithmetic, sign_trace, timestep_group)
+from bdm.export.bidiffsr.config import MODES
+from bdm.export.bidiffsr.network import (BIConv, BIDiffSRUNet, biconvs, build_bidiffsr, first_sign_divergence,
+                                         set_mode, sign_trace, timestep_group)
 from bdm.plugins.spec import group_index
 
 REL_BOUND = 1e-5  # README "Tolerances": max|ours - official| <= 1e-5 * max|official|
@@ -35,10 +36,10 @@ def model(bi_ref):
 
 
 @pytest.fixture
-def arithmetic_model(model, request):
-    set_arithmetic(model, request.param)
+def mode_model(model, request):
+    set_mode(model, request.param)
     yield model
-    set_arithmetic(model, "deploy")
+    set_mode(model, "deploy")
 
 
 @pytest.fixture(scope="module")
@@ -55,45 +56,45 @@ def _rel_err(ours, ref):
 TIMESTEPS = [1960, 1600, 1599, 1000, 800, 400, 399, 40, 0]
 
 
-@pytest.mark.parametrize("arithmetic_model", ARITHMETICS, indirect=True)
+@pytest.mark.parametrize("mode_model", MODES, indirect=True)
 @pytest.mark.parametrize("t", TIMESTEPS)
-def test_net_golden_every_timestep(arithmetic_model, golden, t):
+def test_net_golden_every_timestep(mode_model, golden, t):
     arrays, _ = golden
     i = arrays["timesteps"].tolist().index(t)
     with torch.no_grad():
-        y = arithmetic_model(arrays["x"], arrays["c"], torch.tensor([[t]]))  # the official call: time [1,1]
+        y = mode_model(arrays["x"], arrays["c"], torch.tensor([[t]]))  # the official call: time [1,1]
     assert _rel_err(y, arrays["y"][i]) <= REL_BOUND
-    if _is_official(arithmetic_model):
+    if _is_official(mode_model):
         assert torch.equal(y, arrays["y"][i]), "official arithmetic must be bit-exact"
 
 
 def _is_official(model):
-    return next(m for _, m in biconvs(model)).binary_conv.arithmetic == "official"
+    return next(m for _, m in biconvs(model)).binary_conv.mode == "official"
 
 
-@pytest.mark.parametrize("arithmetic_model", ARITHMETICS, indirect=True)
-def test_net_golden_mixed_timesteps(arithmetic_model, golden):
+@pytest.mark.parametrize("mode_model", MODES, indirect=True)
+def test_net_golden_mixed_timesteps(mode_model, golden):
     """time [[1500],[300]]: the group comes from sample 0 (3) for both samples, the embedding is per sample."""
     arrays, meta = golden
     assert meta["mixed_t_group"] == 3
     with torch.no_grad():
-        y = arithmetic_model(arrays["x"], arrays["c"], arrays["mixed_t"])
+        y = mode_model(arrays["x"], arrays["c"], arrays["mixed_t"])
     assert _rel_err(y, arrays["y_mixed_t"]) <= REL_BOUND
-    if _is_official(arithmetic_model):
+    if _is_official(mode_model):
         assert torch.equal(y, arrays["y_mixed_t"])
     # per-sample embedding: sample 1 differs from running it at sample 0's timestep
     with torch.no_grad():
-        y_same_t = arithmetic_model(arrays["x"], arrays["c"], torch.tensor([[1500], [1500]]))
+        y_same_t = mode_model(arrays["x"], arrays["c"], torch.tensor([[1500], [1500]]))
     assert torch.equal(y[0], y_same_t[0]) and not torch.allclose(y[1], y_same_t[1])
 
 
-@pytest.mark.parametrize("arithmetic_model", ARITHMETICS, indirect=True)
+@pytest.mark.parametrize("mode_model", MODES, indirect=True)
 @pytest.mark.parametrize("t", TIMESTEPS)
-def test_sign_counts_equal_official_traces(arithmetic_model, golden, t):
+def test_sign_counts_equal_official_traces(mode_model, golden, t):
     """Exact check: every BIConv, in execution order, sees the official group and the official numbers of
     +1 / -1 / 0 after the sign."""
     arrays, meta = golden
-    _, rows = sign_trace(arithmetic_model, arrays["x"], arrays["c"], torch.tensor([[t]]))
+    _, rows = sign_trace(mode_model, arrays["x"], arrays["c"], torch.tensor([[t]]))
     reference = meta["traces"][str(t)]
     assert len(rows) == len(reference) == 56
     assert first_sign_divergence(rows, reference) is None
@@ -110,28 +111,28 @@ def test_posenc_and_temb_goldens(model, golden):
         torch.testing.assert_close(temb, arrays[f"temb_t{t}"], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arithmetic_model", ARITHMETICS, indirect=True)
+@pytest.mark.parametrize("mode_model", MODES, indirect=True)
 @pytest.mark.parametrize("name, max_flipped_steps", [("sampler_x4", 1), ("sampler_x2_pad", 0)])
-def test_teacher_forcing(arithmetic_model, bi_ref, name, max_flipped_steps):
+def test_teacher_forcing(mode_model, bi_ref, name, max_flipped_steps):
     """The network on the stored x_in[i], cond_padded, t_i ([1,1] as in test()) reproduces eps[i].
 
     Official arithmetic: bit-exact on every saved step. Deploy arithmetic: within the bound except at steps
     where some pre-sign value lies within rounding of 0; each such step must show a sign divergence from the
     official-arithmetic run (measured: x4 step 9, first at downs.10.res_block.block2.conv, one element)."""
     data = {k: torch.from_numpy(v) for k, v in np.load(bi_ref / f"{name}.npz").items()}
-    official = _is_official(arithmetic_model)
+    official = _is_official(mode_model)
     flipped = []
     for row, step in enumerate(data["saved_step_indices"].tolist()):
         x_in, time = data["x_in"][row], data["timesteps"][step].reshape(1, 1)
         with torch.no_grad():
-            eps = arithmetic_model(x_in, data["cond_padded"], time)
+            eps = mode_model(x_in, data["cond_padded"], time)
         if official:
             assert torch.equal(eps, data["eps"][row]), f"step {step} not bit-exact"
         elif _rel_err(eps, data["eps"][row]) > REL_BOUND:
-            _, ours = sign_trace(arithmetic_model, x_in, data["cond_padded"], time)
-            set_arithmetic(arithmetic_model, "official")
-            _, reference = sign_trace(arithmetic_model, x_in, data["cond_padded"], time)
-            set_arithmetic(arithmetic_model, "deploy")
+            _, ours = sign_trace(mode_model, x_in, data["cond_padded"], time)
+            set_mode(mode_model, "official")
+            _, reference = sign_trace(mode_model, x_in, data["cond_padded"], time)
+            set_mode(mode_model, "deploy")
             divergence = first_sign_divergence(ours, [r._asdict() for r in reference])
             assert divergence is not None, f"step {step}: eps off without any sign flip: a real mismatch"
             flipped.append((step, divergence[1].module))
@@ -252,8 +253,8 @@ def test_bad_inputs_fail_with_one_line(model, golden):
         with pytest.raises(BdmError) as err:
             model(*args)
         assert message in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(BdmError, match="arithmetic 'exact' is unknown"):
-        set_arithmetic(model, "exact")
+    with pytest.raises(BdmError, match="mode 'exact' is unknown"):
+        set_mode(model, "exact")
 
 
 def test_model_is_in_eval_mode_and_dropout_is_identity(model, golden):

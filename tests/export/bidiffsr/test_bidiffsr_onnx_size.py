@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from bdm.export import inspect
+from bdm.export import registry
+from bdm.export.base.sign_zeros import resolve_sign_zeros
 from bdm.export.bidiffsr import network as bidiffsr, onnx_export
 
 
@@ -22,7 +23,7 @@ def released():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    onnx_export.resolve_zero_weights(model, 1, "random released model")
+    resolve_sign_zeros(bidiffsr.sign_sources, model, 1, "random released model")
     return model
 
 
@@ -30,7 +31,7 @@ def summary_of(model, tmp_path, **kwargs):
     onnx_model = onnx_export.to_onnx(model, **kwargs)
     path = tmp_path / f"released_{kwargs.get('dtype', 'fp32')}.onnx"
     path.write_bytes(onnx_model.SerializeToString())
-    return inspect.inspect_file(path)
+    return registry.inspect_file(path)
 
 
 def test_released_x4_file_sizes(released, tmp_path, capsys):

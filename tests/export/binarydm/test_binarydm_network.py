@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm.network import (BINARYDM_RELEASED, build_binarydm, binarized_layers, claims_config,
-                                 first_trace_divergence, quantizer_trace, unet_params, zero_sign_weights)
-from bdm.export.binarydm.layers import MODES, set_mode
+from bdm.export.base.sign_zeros import SignZero, find_sign_zeros
+from bdm.export.binarydm.config import BINARYDM_RELEASED, MODES, claims_config, unet_params
+from bdm.export.binarydm.layers import set_mode
+from bdm.export.binarydm.network import (binarized_layers, build_binarydm, first_trace_divergence, quantizer_trace,
+                                         sign_sources)
 
 from binarydm_goldens import BOUND, one_thread, unet_golden  # noqa: F401 (fixtures)  # tests/export
 
@@ -73,10 +75,7 @@ def test_exact_zero_weight_found_and_matters(unet, unet_golden):
     """README: output_blocks.2.1.conv.weight[19,19,2,1] is exactly 0, sign 0 in the official layer. Packing it as
     +1 moves y_static by ~30 %, and the trace points at that very layer."""
     meta, state, arrays = unet_golden
-    zeros = [(name, tuple(int(i) for i in idx)) for name, plane in zero_sign_weights(unet)
-             for idx in torch.nonzero(plane == 0)]
-    assert zeros == [("output_blocks.2.1.conv.weight", (19, 19, 2, 1))]
-    assert unet.get_submodule("output_blocks.2.1.conv").export_view().zero_signs == [(0, (19, 19, 2, 1))]
+    assert find_sign_zeros(sign_sources(unet)) == [SignZero("output_blocks.2.1.conv.weight", 1, (19, 19, 2, 1))]
     unet.get_submodule("output_blocks.2.1.conv").weight[19, 19, 2, 1] = 1e-12  # what 1-bit packing does: +1
     eps, trace = quantizer_trace(unet, arrays["x"][0], arrays["timesteps"][0])
     rel = float((eps - arrays["y_static"][0]).abs().max() / arrays["y_static"][0].abs().max())

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm.layers import (MODES, BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
+from bdm.export.base.sign_zeros import SignZero, find_sign_zeros
+from bdm.export.binarydm.config import MODES
+from bdm.export.binarydm.network import sign_sources
+from bdm.export.binarydm.layers import (BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
                                         dynamic_step, effective_step, official_scale_init, set_mode)
 from bdm.plugins.multibasis_reference import pack_bases, sign_bases
 from bdm.plugins.packing import ZeroWeightError
@@ -134,7 +137,7 @@ def test_export_view_packs_both_bases(bdm_ref):
     layer = build_layer(meta, state)
     view = layer.export_view()
     assert (view.kind, view.stride, view.padding, view.order, view.act_bits) == ("conv2d", 2, 1, 2, 4)
-    assert view.zero_signs == [] and view.packed_signs.shape == (2, 64, 3, 3, 2)
+    assert view.packed_signs.shape == (2, 64, 3, 3, 2)
     assert view.packed_signs.dtype == torch.int32
     # W_hat rebuilt from the planes and the per-channel scales is the official effective weight
     rebuilt = (view.sign_planes.float() * view.scales[:, :, None, None, None]).sum(0)
@@ -162,9 +165,10 @@ def test_exact_zero_weight_reported_in_both_bases():
     torch.manual_seed(0)
     layer.weight.data.normal_()
     layer.weight.data[1, 2, 0, 1] = 0.0
-    view = layer.export_view()
-    assert view.packed_signs is None
-    assert view.zero_signs == [(0, (1, 2, 0, 1)), (1, (1, 2, 0, 1))]
+    assert find_sign_zeros(sign_sources(layer)) == [SignZero("weight", 1, (1, 2, 0, 1)),
+                                                    SignZero("weight", 2, (1, 2, 0, 1))]
+    with pytest.raises(ZeroWeightError):
+        layer.export_view()
 
 
 def test_bad_layer_settings_are_one_line_errors():

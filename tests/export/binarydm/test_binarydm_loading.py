@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.export.binarydm.network import claims_keys
+from bdm.export.binarydm.config import claims_keys
 from bdm.export.binarydm.layers import set_mode
-from bdm.export.base.checkpoint import load_model, resolve_family
+from bdm.export.registry import load_model, resolve_family
 
 from binarydm_goldens import UNET_CASE, one_thread, unet_golden  # noqa: F401 (fixtures)  # tests/export
 
@@ -44,7 +44,7 @@ def test_lightning_checkpoint_prefers_ema(unet_golden, config, tmp_path):
     _, state, arrays = unet_golden
     path = tmp_path / "last.ckpt"
     torch.save(lightning_checkpoint(state), path)
-    with pytest.warns(UserWarning, match=r"output_blocks\.2\.1\.conv\.weight, 1 at index \(19, 19, 2, 1\)"):
+    with pytest.warns(UserWarning, match=r"output_blocks\.2\.1\.conv\.weight at \[o, c, \.\.\.\] = \[19, 19, 2, 1\]"):
         model = load_model(path, config=config)
     assert type(model).__name__ == "BinaryDMUNet"
     for mode in ("static", "fp"):
@@ -56,7 +56,7 @@ def test_plain_state_dict_with_config_dict(unet_golden, tmp_path):
     meta, state, arrays = unet_golden
     path = tmp_path / "unet.pt"
     torch.save(state, path)
-    with pytest.warns(UserWarning, match="exact-zero"):
+    with pytest.warns(UserWarning, match="sign-0"):
         model = load_model(path, config=meta, family="binarydm")
     set_mode(model, "w1a32")
     assert torch.equal(eps(model, arrays, 2), arrays["y_w1a32"][2])

@@ -3,8 +3,6 @@ attributes, packed weights, no latent weight, functions, checker), and ONNX Runt
 the official outputs at every net_golden timestep (fp32: <= 1e-5 * max|y|; fp16: the error reported, <= 1e-2
 with the same signs)."""
 
-import json
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +10,10 @@ import pytest
 import torch
 
 import bdm
+from bdm.contract import ModelMetadata
+from bdm.export import inspect, registry
+from bdm.export.base.family import ExportOptions
+from bdm.export.base.sign_zeros import resolve_sign_zeros
 from bdm.export.bidiffsr import network as bidiffsr, onnx_export, validate
 from bdm.plugins import packing, spec
 
@@ -34,6 +36,10 @@ def exported(small_model, tmp_path_factory):
         path.write_bytes(model.SerializeToString())
         out[name] = (path, model)
     return out
+
+
+def metadata(model: onnx.ModelProto) -> ModelMetadata:
+    return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
 
 
 def session(path):
@@ -106,10 +112,10 @@ def test_no_latent_binary_weight_and_one_int32_cast_of_t(exported, small_model):
 
 
 def test_standard_ops_are_the_deployable_ones(exported):
-    ops = onnx_export.census(exported["fp32"][1])
+    ops = inspect.census(exported["fp32"][1])
     assert not {"Einsum", "SpaceToDepth", "GroupNormalization", "PRelu", "Sign", "Less"} & set(ops)
     assert ops["InstanceNormalization"] == 46 and ops["MatMul"] == 2 and ops["DepthToSpace"] == 3
-    unfused = onnx_export.census(exported["unfused"][1])
+    unfused = inspect.census(exported["unfused"][1])
     assert unfused["bdm::TimestepBias"] == unfused["bdm::BinarySignConv2d"] == unfused["bdm::TimestepRPReLU"] == 56
     assert "bdm::BinaryConv2d" not in unfused
 
@@ -189,20 +195,20 @@ def test_exact_zero_weights_are_refused_with_their_location_or_resolved(bi_ref):
         weight[3, 5, 1, 2] = 0.0
     with pytest.raises(bdm.errors.BdmError, match=r"ups\.6\.biconv2.*\[3, 5, 1, 2\].*--zero-weight-sign"):
         onnx_export.to_onnx(model)
-    assert onnx_export.resolve_zero_weights(model, -1, "test") == 1
+    assert resolve_sign_zeros(bidiffsr.sign_sources, model, -1, "test") == 1
     assert weight[3, 5, 1, 2] < 0 and torch.equal(weight.abs().mean(dim=(1, 2, 3))[4:], alpha[4:])
     exported = onnx_export.to_onnx(model, zero_sign=-1)
-    assert onnx_export.read_metadata(exported)["zero_weight_sign"] == "-1"
+    assert metadata(exported).zero_weight_sign == "-1"
 
 
 def test_export_checkpoint_records_the_source_and_the_options_scale(bi_ref, tmp_path):
     options = tmp_path / "options.yml"
     options.write_text((bi_ref / "ckpt_small_x4.yml").read_text() + "scale: 2\n")
-    done = onnx_export.export_checkpoint(bi_ref / "ckpt_small_x4.pth", tmp_path / "m.onnx", config=options,
-                                         validate=False, log=lambda line: None)
-    meta = onnx_export.read_metadata(onnx.load(str(done.path)))
-    assert meta["scale"] == "2" and meta["checkpoint"] == "ckpt_small_x4.pth" and meta["dtype"] == "fp32"
-    assert json.loads(meta["network_g"])["inner_channel"] == 8 and len(meta["checkpoint_sha256"]) == 64
+    done = registry.export_checkpoint(bi_ref / "ckpt_small_x4.pth", tmp_path / "m.onnx", options,
+                                      ExportOptions(validate=False), log=lambda line: None)
+    meta = metadata(onnx.load(str(done.path)))
+    assert meta.scale == 2 and meta.checkpoint == "ckpt_small_x4.pth" and meta.dtype == "fp32"
+    assert meta.network_g["inner_channel"] == 8 and len(meta.checkpoint_sha256) == 64
 
 
 def test_the_latent_weight_check_catches_a_network_traced_without_packing(small_model):
