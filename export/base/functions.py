@@ -1,13 +1,6 @@
 """One model-local ONNX function (FunctionProto) per `bdm` op, built from standard ops only, so that ONNX Runtime
-(or any ONNX runtime) runs an exported model with no extra library, and the function body is the executable
-form of the spec. Inputs, attributes and defaults come from plugins/*/spec.yaml; every step below is one line of
-the op's `semantics` there.
-
-Opset: a model-local function must use the model's own version of the default domain, so the bodies are built
-per opset and use only operators whose semantics are the same from opset 17 on. That rules out BitwiseAnd
-(opset 18): a packed word is unpacked arithmetically instead, after mapping the int32 word to its unsigned
-value u in int64 (`Mod` of integers takes the divisor's sign): bit b is set iff u mod 2**(b+1) >= 2**b.
-"""
+(or any ONNX runtime) runs an exported model with no extra library: the executable form of each op's spec
+(plugins/*/spec.yaml: inputs, attributes, defaults; every step below is one line of the op's `semantics`)."""
 
 from typing import Dict, Iterable, List
 
@@ -25,6 +18,10 @@ PLUGIN_ATTRIBUTES = {"plugin_namespace": str(spec.common()["plugin_namespace"]),
                      "plugin_version": str(spec.common()["plugin_version"])}
 DOMAIN = spec.common()["domain"]
 DOMAIN_VERSION = 1
+# A model-local function uses the model's own version of the default domain, so the bodies are built per opset from
+# operators whose semantics are the same from opset 17 on. That rules out BitwiseAnd (opset 18): a packed word is
+# unpacked arithmetically instead, after mapping the int32 word to its unsigned value u in int64 (`Mod` of integers
+# takes the divisor's sign): bit b is set iff u mod 2**(b+1) >= 2**b.
 MIN_OPSET = 17
 
 

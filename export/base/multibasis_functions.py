@@ -1,18 +1,6 @@
-"""The ONNX function body of `MultiBasisConv` (plugins/multibasis_conv/spec.yaml) and the activation quantizer it
-shares with the exported quantized attention, from standard opset-17 operators.
-
-Builders take a body `b` with the interface of bdm.export.base.functions._Body: `b.op(op_type, *inputs,
-**attributes)` and `b.const(value, dtype)` return value names, `b.attribute(name)` is an INT attribute as an int64
-scalar, `b.float32`, `b.weight_bits` and `b.output` as there. The body is registered in functions._BODIES; the
-exporter also runs `act_quantize` over a TorchScript graph (bdm.export.binarydm.onnx_export), so the quantizer of the
-attention and of the layers is one piece of code.
-
-Quantizer arithmetic (spec semantics, checked bit for bit against the official `static_xq` goldens): ONNX
-QuantizeLinear divides x by the scale and rounds half to even, as the official torch.round(x / step); it saturates to
-int8 [-128, 127], so x is clipped to [Qn*step, Qp*step] first. Clipping x instead of x / step gives the same codes:
-Qn*step is exact (a power of two times step), and a value between Qp*step and float32(Qp*step) divides to within one
-rounding of Qp, which rounds to Qp either way.
-"""
+"""The ONNX function body of `MultiBasisConv` (plugins/multibasis_conv/spec.yaml) and its activation quantizer
+(`act_quantize`, also what the BinaryDM exporter writes for the attention's quantizers), from standard opset-17
+operators. Builders take a body `b` with the interface of bdm.export.base.functions._Body."""
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -24,7 +12,14 @@ _QP_BY_BITS = [0] + [2 ** (bits - 1) - 1 for bits in range(1, 9)]
 
 def act_quantize(b, x: str, act_step: str, qn: str, qp: str) -> str:
     """x_q of the spec: step = (a - a*g) + a*g, g = float32(1 / sqrt(float64(numel(x) * Qp))); then
-    DequantizeLinear(QuantizeLinear(Clip(x, Qn*step, Qp*step), step, int8 0)). qn, qp: float32 scalars."""
+    DequantizeLinear(QuantizeLinear(Clip(x, Qn*step, Qp*step), step, int8 0)). qn, qp: float32 scalars. `b`: a
+    function body, or (the exported attention) a TorchScript graph with the same `op` / `const` interface.
+
+    Checked bit for bit against the official `static_xq` goldens: QuantizeLinear divides x by the scale and rounds
+    half to even, as the official torch.round(x / step); it saturates to int8 [-128, 127], so x is clipped to
+    [Qn*step, Qp*step] first. Clipping x instead of x / step gives the same codes: Qn*step is exact (a power of two
+    times step), and a value between Qp*step and float32(Qp*step) divides to within one rounding of Qp, which
+    rounds to Qp either way."""
     numel_times_qp = b.op("Mul", b.op("Cast", b.op("Size", x), to=TensorProto.DOUBLE),
                           b.op("Cast", qp, to=TensorProto.DOUBLE))
     g = b.op("Cast", b.op("Div", b.const(1.0, np.float64), b.op("Sqrt", numel_times_qp)), to=TensorProto.FLOAT)

@@ -1,12 +1,5 @@
-"""The BI-DiffSR network (official `BIDiffSRUNet`, unet_BI_DiffSR_arch.py) rewritten for deployment.
-
-Same module tree and parameter names as the official code, so official checkpoints load strictly. What differs:
-- The timestep group g = clamp(t[0]*K div T, 0, K-1) is computed with tensor ops and the TaR/TaA parameters
-  are selected with `index_select`, so one trace (TorchScript / ONNX) serves every timestep.
-- Inference arithmetic only: sign(x) activations (the official STE has the same forward value), no train-time
-  straight-through terms unless `set_mode(model, "official")` asks for them (see config.MODES).
-- Self-attention as reshape + matmul instead of 6-D einsum (TensorRT-friendly).
-
+"""The BI-DiffSR network (official `BIDiffSRUNet`, unet_BI_DiffSR_arch.py) rewritten for deployment, with the official
+module tree and parameter names (official checkpoints load strictly); `BIDiffSRUNet` documents what differs.
 Reference: ../shared/reference/bi_diffsr/ARCHITECTURE.md §3.
 """
 
@@ -34,9 +27,9 @@ class Swish(nn.Module):
         return x * torch.sigmoid(x)
 
 
-class LearnableBias(nn.Module):
-    """Per-channel bias [1,C,1,1] (TaR threshold, TaA biases). A parameter holder: BIConv selects the group's
-    row from the stacked table."""
+class ChannelBias(nn.Module):
+    """Per-channel bias [1,C,1,1] (official LearnableBias: TaR threshold, TaA biases). A parameter holder: BIConv
+    selects the group's row from the stacked table."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -44,18 +37,18 @@ class LearnableBias(nn.Module):
 
 
 class RPReLU(nn.Module):
-    """PReLU_a(x + b0) + b1, per channel; parameter holder like LearnableBias."""
+    """PReLU_a(x + b0) + b1, per channel; parameter holder like ChannelBias."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.pr_bias0 = LearnableBias(channels)
+        self.pr_bias0 = ChannelBias(channels)
         self.pr_prelu = nn.PReLU(channels, init=0.25)
-        self.pr_bias1 = LearnableBias(channels)
+        self.pr_bias1 = ChannelBias(channels)
 
 
-class HardBinaryConv(nn.Module):
-    """Latent fp32 weights [Cout,Cin,k,k] of a binary conv (no bias), stride 1, padding k//2 with zeros
-    applied to its input, which is already the sign map."""
+class ScaledSignConv(nn.Module):
+    """The binary conv of a BIConv (official HardBinaryConv): latent fp32 weights [Cout,Cin,k,k], no bias, stride 1,
+    applied as alpha * sign(W) to its input, which is already the sign map, padded by k//2 with zeros."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
@@ -94,8 +87,8 @@ class BIConv(nn.Module):
             raise ValueError("BIConv adds its input: in_channels must equal out_channels")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.num_groups, self.total_steps = num_groups, total_steps
-        self.TaR = nn.ModuleDict({f"dynamic_move_{g}": LearnableBias(in_channels) for g in range(num_groups)})
-        self.binary_conv = HardBinaryConv(in_channels, out_channels, kernel_size)
+        self.TaR = nn.ModuleDict({f"dynamic_move_{g}": ChannelBias(in_channels) for g in range(num_groups)})
+        self.binary_conv = ScaledSignConv(in_channels, out_channels, kernel_size)
         self.TaA = nn.ModuleDict({f"dynamic_relu_{g}": RPReLU(out_channels) for g in range(num_groups)})
 
     def _table(self, name: str) -> torch.Tensor:
@@ -138,8 +131,8 @@ def _apply(layer: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return layer(x, t) if isinstance(layer, BIConv) else layer(x)
 
 
-class Block(nn.Module):
-    """GroupNorm -> Swish -> Dropout -> conv (BIConv 3x3, or FP Conv2d 3x3 with bias)."""
+class NormSwishConv(nn.Module):
+    """GroupNorm -> Swish -> Dropout -> conv (BIConv 3x3, or FP Conv2d 3x3 with bias); official Block."""
 
     def __init__(self, channels: int, norm_groups: int, dropout: float, conv: nn.Module):
         super().__init__()
@@ -151,8 +144,8 @@ class Block(nn.Module):
         return _apply(self.conv, self.block(x), t)
 
 
-class ResnetBlock(nn.Module):
-    """BI_ResnetBlock (binary=True) or its FP twin ResnetBlock: square, C -> C.
+class ResBlock(nn.Module):
+    """The official BI_ResnetBlock (binary=True) or its FP twin ResnetBlock: square, C -> C.
     h = block1(x); h += Linear(Swish(temb)); h = block2(h) (dropout here); out = h + x."""
 
     def __init__(self, channels: int, time_dim: int, norm_groups: int, dropout: float, binary: bool,
@@ -165,8 +158,8 @@ class ResnetBlock(nn.Module):
             return nn.Conv2d(channels, channels, 3, padding=1)
 
         self.timestep_func = nn.Sequential(Swish(), nn.Linear(time_dim, channels))
-        self.block1 = Block(channels, norm_groups, 0.0, conv())
-        self.block2 = Block(channels, norm_groups, dropout, conv())
+        self.block1 = NormSwishConv(channels, norm_groups, 0.0, conv())
+        self.block2 = NormSwishConv(channels, norm_groups, dropout, conv())
 
     def forward(self, x, temb, t):
         h = self.block1(x, t)
@@ -201,8 +194,10 @@ class SelfAttention(nn.Module):
         return self.out(attended.reshape(n, c, h, w)) + x
 
 
-class ResnetBlocWithAttn(nn.Module):
-    def __init__(self, res_block: ResnetBlock, attn: "SelfAttention | None"):
+class ResBlockWithAttention(nn.Module):
+    """A ResBlock, then (where the config asks for it) self-attention (official ResnetBlocWithAttn)."""
+
+    def __init__(self, res_block: ResBlock, attn: "SelfAttention | None"):
         super().__init__()
         self.res_block = res_block
         if attn is not None:
@@ -291,6 +286,12 @@ class FinalBlock(nn.Module):
 class BIDiffSRUNet(nn.Module):
     """model(x_t, cond, t) -> predicted noise eps [N, out_channel, H, W].
 
+    What differs from the official code: the timestep group g = clamp(t[0]*K div T, 0, K-1) is computed with
+    tensor ops and the TaR/TaA parameters are selected with `index_select`, so one trace (TorchScript / ONNX)
+    serves every timestep; inference arithmetic only (sign(x) activations: the official STE has the same forward
+    value; no train-time straight-through terms unless `set_mode(model, "official")` asks for them, config.MODES);
+    self-attention as reshape + matmul instead of 6-D einsum (TensorRT-friendly).
+
     x_t: noisy image [N, out_channel, H, W]; cond: bicubic-upsampled LR in [0, 1], [N, in_channel-out_channel, H, W];
     H, W multiples of 2**(len(channel_mults)-1) (8 for the released config); t: int64 [N] or [N, 1] (a single
     timestep [1] / [1, 1] is broadcast over the batch, as in the official test()). The timestep group comes from
@@ -306,8 +307,8 @@ class BIDiffSRUNet(nn.Module):
         time_dim = inner_channel
 
         def res_block(channels, binary, with_attn):
-            block = ResnetBlock(channels, time_dim, norm_groups, dropout, binary, **steps)
-            return ResnetBlocWithAttn(block, SelfAttention(channels, norm_groups) if with_attn else None)
+            block = ResBlock(channels, time_dim, norm_groups, dropout, binary, **steps)
+            return ResBlockWithAttention(block, SelfAttention(channels, norm_groups) if with_attn else None)
 
         self.timestep_level_mlp = nn.Sequential(PositionalEncoding(inner_channel),
                                                 nn.Linear(inner_channel, inner_channel * 4), Swish(),
@@ -362,7 +363,7 @@ class BIDiffSRUNet(nn.Module):
         h = torch.cat([cond, x_t], dim=1)
         skips = []
         for layer in self.downs:
-            if isinstance(layer, ResnetBlocWithAttn):
+            if isinstance(layer, ResBlockWithAttention):
                 h = layer(h, temb, t)
             elif isinstance(layer, CPDown):
                 h = layer(h, t)
@@ -374,7 +375,7 @@ class BIDiffSRUNet(nn.Module):
         for layer in self.ups:
             if isinstance(layer, CSFusion):
                 h = layer(torch.cat([h, skips.pop()], dim=1), t)
-            elif isinstance(layer, ResnetBlocWithAttn):
+            elif isinstance(layer, ResBlockWithAttention):
                 h = layer(h, temb, t)
             else:
                 h = layer(h, t)
@@ -391,7 +392,7 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise BdmError(f"mode {mode!r} is unknown; choose one of {list(MODES)}")
     for m in model.modules():
-        if isinstance(m, (HardBinaryConv, SelfAttention)):
+        if isinstance(m, (ScaledSignConv, SelfAttention)):
             m.mode = mode
     return model
 

@@ -1,17 +1,6 @@
 """`bdm validate` of a BI-DiffSR export: the PyTorch reference against ONNX Runtime (and a TensorRT engine) through
-the validation harness (base.validation: Polygraphy's Comparator), on seeded inputs whose t covers both boundaries of
-every timestep group.
-
-The bound is base.validation.TOLERANCE: max|y - y_ref| <= tol * max|y_ref| (fp32: 1e-5; fp16: 1e-2). A binarized
-network is chaotic: a pre-sign value x + beta that lies within rounding of 0 can take the other sign in another
-runtime, and one flipped sign moves the output far more than any rounding. So when ONNX Runtime misses the
-bound (and always for fp16), the check looks inside: it reads every binary layer's pre-sign values and sign
-maps from both runtimes (ONNX Runtime's from its own run of the inlined graph), counts the flipped signs per
-layer, and re-runs the PyTorch reference with ONNX Runtime's sign maps forced in. The model passes only if,
-with the same signs, it is within the bound, and every flip happened at a value within `FLIP_MARGIN` of zero
-(relative to the layer's largest |x + beta|): a flip anywhere else is a bug, not chaos. Nothing is loosened: a
-flip is reported, with its layer, never absorbed into a tolerance.
-"""
+the validation harness, on seeded inputs whose t covers both boundaries of every timestep group; a case that misses
+the bound (and every fp16 case) is looked into sign flip by sign flip (`compare`)."""
 
 import contextlib
 from collections import OrderedDict
@@ -277,8 +266,18 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
             seed: int = 0, feeds: Optional[Sequence[dict]] = None, open_engine: Optional[Callable] = None,
             log=print, polygraphy_stats: bool = True) -> ValidationReport:
     """Run PyTorch, ONNX Runtime (and the TensorRT runner `open_engine()` when given) on the same feeds through
-    Polygraphy's Comparator; returns the per-case results (see the module doc for the criterion). The feeds are
-    seeded random inputs of shape `nhw` at `timesteps` (default: both ends of every group), unless given."""
+    Polygraphy's Comparator; returns the per-case results. The feeds are seeded random inputs of shape `nhw` at
+    `timesteps` (default: both ends of every group), unless given.
+
+    The bound is base.validation.TOLERANCE: max|y - y_ref| <= tol * max|y_ref| (fp32: 1e-5; fp16: 1e-2). A
+    binarized network is chaotic: a pre-sign value x + beta that lies within rounding of 0 can take the other sign in
+    another runtime, and one flipped sign moves the output far more than any rounding. So when ONNX Runtime misses
+    the bound (and always for fp16), the check looks inside: it reads every binary layer's pre-sign values and sign
+    maps from both runtimes (ONNX Runtime's from its own run of the inlined graph), counts the flipped signs per
+    layer, and re-runs the PyTorch reference with ONNX Runtime's sign maps forced in. The model passes only if, with
+    the same signs, it is within the bound, and every flip happened at a value within `FLIP_MARGIN` of zero
+    (relative to the layer's largest |x + beta|): a flip anywhere else is a bug, not chaos. Nothing is loosened: a
+    flip is reported, with its layer, never absorbed into a tolerance."""
     onnx_path = Path(onnx_path)
     onnx_model = onnx.load(str(onnx_path))
     x_dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx_model.graph.input[0].type.tensor_type.elem_type)

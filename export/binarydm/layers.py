@@ -1,23 +1,6 @@
-"""BinaryDM's quantized layers (official ours_util.py / openaimodel_ours.py) rewritten for inference.
-
-Parameter names and shapes are the official ones, so official state_dicts load strictly. The arithmetic is the
-official fp32 arithmetic, step for step, so that every 4-bit rounding decision comes out the same:
-
-    Qn, Qp = -2^(b-1), 2^(b-1)-1                         signed, even after SiLU (b = 4: -8, 7)
-    a      = (alpha - alpha*g) + alpha*g,  g = 1/sqrt(numel(x)*Qp)   the official grad_scale step, fp32
-    x_q    = round(clamp(x / a, Qn, Qp)) * a             true division; torch.round = half to even
-    B1     = sign(W),  W_hat = s1*B1                     order 1; sign(0) = 0
-    W_hat  = s1*B1 + s2*sign(W - s1*B1)                  order 2 (the residual uses the stored s1)
-    y      = conv2d / conv1d / linear(x_q, W_hat, bias, stride, padding)   W_hat materialised first
-
-Modes (attribute `mode` of every binarized layer and attention core; `set_mode` sets a whole tree):
-    static   stored step alpha (the official inference recipe, init_scale=True; the deployment default)
-    dynamic  step recomputed on every call as 2*mean|x|/sqrt(Qp) over the whole tensor, batch included (what
-             the official training code runs, because of its init_state/init_scale typo); the stored alpha is
-             not used and not modified
-    w1a32    binarized weights, no activation quantization (layers and attention)
-    fp       latent fp32 weights, no quantization at all
-
+"""BinaryDM's quantized layers (official ours_util.py / openaimodel_ours.py) rewritten for inference, with the
+official parameter names and fp32 arithmetic step for step (BinarizedLayer), so that every 4-bit rounding decision
+comes out the same; `set_mode` puts a whole tree in one of config.MODES.
 Reference: ../shared/reference/binarydm/README.md ("Exact semantics") and ARCHITECTURE.md §4.
 """
 
@@ -116,11 +99,23 @@ class BinarizedLayerExport:
 
 
 class BinarizedLayer(nn.Module):
-    """Common part of BNNConv2d / BNNConv1d / BNNLinear: latent weight [O, I, *taps], bias [O] (always present),
-    scaling_first_order / scaling_second_order [O, 1, ...] (s1, s2), quantizer_a.alpha [1].
+    """Common part of BinarizedConv2d / BinarizedConv1d / BinarizedLinear (official BNNConv2d, BNNConv1d, BNNLinear):
+    latent weight [O, I, *taps], bias [O] (always present), scaling_first_order / scaling_second_order [O, 1, ...]
+    (s1, s2), quantizer_a.alpha [1].
 
     Attributes outside the state_dict (the official ones are Python flags too): precision "bnn"/"full", order 1/2,
-    mode (MODES), act_bits (quantizer_a.bits), stride, padding."""
+    mode (MODES), act_bits (quantizer_a.bits), stride, padding.
+
+    The official fp32 arithmetic:
+        Qn, Qp = -2^(b-1), 2^(b-1)-1                         signed, even after SiLU (b = 4: -8, 7)
+        a      = (alpha - alpha*g) + alpha*g,  g = 1/sqrt(numel(x)*Qp)   the official grad_scale step, fp32
+        x_q    = round(clamp(x / a, Qn, Qp)) * a             true division; torch.round = half to even
+        B1     = sign(W),  W_hat = s1*B1                     order 1; sign(0) = 0
+        W_hat  = s1*B1 + s2*sign(W - s1*B1)                  order 2 (the residual uses the stored s1)
+        y      = conv2d / conv1d / linear(x_q, W_hat, bias, stride, padding)   W_hat materialised first
+    Mode dynamic recomputes the step on every call as 2*mean|x|/sqrt(Qp) over the whole tensor, batch included (what
+    the official training code runs, because of its init_state/init_scale typo); the stored alpha is not used and
+    not modified. w1a32 quantizes no activation (layers and attention); fp uses the latent weights."""
 
     kind = ""
 
@@ -206,7 +201,7 @@ class BinarizedLayer(nn.Module):
                 f"precision={self.precision}, order={self.order}, act_bits={self.act_bits}, mode={self.mode}")
 
 
-class BNNConv2d(BinarizedLayer):
+class BinarizedConv2d(BinarizedLayer):
     kind = "conv2d"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -217,7 +212,7 @@ class BNNConv2d(BinarizedLayer):
         return F.conv2d(x, weight, self.bias, stride=self.stride, padding=self.padding)
 
 
-class BNNConv1d(BinarizedLayer):
+class BinarizedConv1d(BinarizedLayer):
     kind = "conv1d"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -228,7 +223,7 @@ class BNNConv1d(BinarizedLayer):
         return F.conv1d(x, weight, self.bias, stride=self.stride, padding=self.padding)
 
 
-class BNNLinear(BinarizedLayer):
+class BinarizedLinear(BinarizedLayer):
     kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, **kwargs):
@@ -239,12 +234,13 @@ class BNNLinear(BinarizedLayer):
 
 
 def official_layer(official_class: str, constructor: Dict[str, int], act_bits: Optional[int]) -> BinarizedLayer:
-    """BNNConv2d / BNNConv1d / BNNLinear from the official class name and its constructor arguments (in_channels,
-    out_channels, kernel_size, stride, padding, order; in_features / out_features for BNNLinear)."""
+    """BinarizedConv2d / BinarizedConv1d / BinarizedLinear from the official class name (BNNConv2d, BNNConv1d,
+    BNNLinear) and its constructor arguments (in_channels, out_channels, kernel_size, stride, padding, order;
+    in_features / out_features for BNNLinear)."""
     c = constructor
     if official_class == "BNNLinear":
-        return BNNLinear(c["in_features"], c["out_features"], order=c["order"], act_bits=act_bits)
-    classes = {"BNNConv2d": BNNConv2d, "BNNConv1d": BNNConv1d}
+        return BinarizedLinear(c["in_features"], c["out_features"], order=c["order"], act_bits=act_bits)
+    classes = {"BNNConv2d": BinarizedConv2d, "BNNConv1d": BinarizedConv1d}
     if official_class not in classes:
         raise BdmError(f"{official_class} is not a BinaryDM binarized layer; expected one of "
                        f"{sorted(classes) + ['BNNLinear']}")

@@ -1,18 +1,6 @@
-"""The BinaryDM UNet (official openaimodel_ours.UNetModel in its inference configuration) rewritten for deployment.
-
-Same module tree and parameter names as the official code, so official state_dicts load strictly; the layers are
-those of layers.py (official fp32 arithmetic, modes static / dynamic / w1a32 / fp). Called as
-`model(x_t, t)` -> eps, with x_t [N, in_channels, H, W] and t int64 [N].
-
-Which layers are binarized, and with how many bases, is not stored in any checkpoint: the official constructor
-derives it from module names, and `official_layer_settings` repeats that rule exactly:
-- order 1 for modules whose name contains 'middle', for input_blocks.i with i//3 in {2, 3} and for
-  output_blocks.i with 3 - i//3 in {2, 3}; order 2 everywhere else (so input_blocks.0-5, output_blocks.6-11,
-  and index 12+ of deeper nets);
-- every binarizable layer is 'bnn' except the first three and the last one in module order (time_embed.0,
-  time_embed.2, input_blocks.0.0, out.2), which stay full precision (txt2img.py recipe).
-`layer_overrides` changes any of it by name.
-
+"""The BinaryDM UNet (official openaimodel_ours.UNetModel in its inference configuration) rewritten for deployment,
+with the official module tree and parameter names (official state_dicts load strictly) and the layers of layers.py:
+`model(x_t, t)` -> eps; plus the quantizer trace that finds the first layer where two runs part.
 Reference: ../shared/reference/binarydm/README.md and ARCHITECTURE.md §3-4.
 """
 
@@ -27,8 +15,8 @@ from torch import nn
 from bdm.errors import BdmError
 from bdm.export.base.sign_zeros import SignSource
 from bdm.export.binarydm.config import GROUP_NORM_GROUPS, unet_params
-from bdm.export.binarydm.layers import (BNNConv1d, BNNConv2d, BNNLinear, BinarizedLayer, QuantizedQKVAttention,
-                                        act_range, set_mode)
+from bdm.export.binarydm.layers import (BinarizedConv1d, BinarizedConv2d, BinarizedLayer, BinarizedLinear,
+                                        QuantizedQKVAttention, act_range, set_mode)
 
 # --------------------------------------------------------------------------- blocks
 class TimestepEmbedSequential(nn.Sequential):
@@ -46,7 +34,7 @@ class Upsample(nn.Module):
     def __init__(self, channels: int, use_conv: bool, act_bits):
         super().__init__()
         if use_conv:
-            self.conv = BNNConv2d(channels, channels, 3, padding=1, act_bits=act_bits)
+            self.conv = BinarizedConv2d(channels, channels, 3, padding=1, act_bits=act_bits)
 
     def forward(self, x):
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -58,7 +46,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool, act_bits):
         super().__init__()
-        self.op = (BNNConv2d(channels, channels, 3, stride=2, padding=1, act_bits=act_bits) if use_conv
+        self.op = (BinarizedConv2d(channels, channels, 3, stride=2, padding=1, act_bits=act_bits) if use_conv
                    else nn.AvgPool2d(kernel_size=2, stride=2))
 
     def forward(self, x):
@@ -75,19 +63,19 @@ class ResBlock(nn.Module):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(nn.GroupNorm(GROUP_NORM_GROUPS, channels), nn.SiLU(),
-                                       BNNConv2d(channels, out_channels, 3, padding=1, act_bits=act_bits))
+                                       BinarizedConv2d(channels, out_channels, 3, padding=1, act_bits=act_bits))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False, act_bits), Upsample(channels, False, act_bits)
         elif down:
             self.h_upd, self.x_upd = Downsample(channels, False, act_bits), Downsample(channels, False, act_bits)
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
-        self.emb_layers = nn.Sequential(nn.SiLU(), BNNLinear(emb_channels, emb_out, act_bits=act_bits))
+        self.emb_layers = nn.Sequential(nn.SiLU(), BinarizedLinear(emb_channels, emb_out, act_bits=act_bits))
         # index 2 is the official Dropout, the identity at inference
         self.out_layers = nn.Sequential(nn.GroupNorm(GROUP_NORM_GROUPS, out_channels), nn.SiLU(), nn.Identity(),
-                                        BNNConv2d(out_channels, out_channels, 3, padding=1, act_bits=act_bits))
+                                        BinarizedConv2d(out_channels, out_channels, 3, padding=1, act_bits=act_bits))
         self.skip_connection = (nn.Identity() if out_channels == channels
-                                else BNNConv2d(channels, out_channels, 1, act_bits=act_bits))
+                                else BinarizedConv2d(channels, out_channels, 1, act_bits=act_bits))
 
     def forward(self, x, emb):
         if self.updown:
@@ -112,9 +100,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, act_bits):
         super().__init__()
         self.norm = nn.GroupNorm(GROUP_NORM_GROUPS, channels)
-        self.qkv = BNNConv1d(channels, channels * 3, 1, act_bits=act_bits)
+        self.qkv = BinarizedConv1d(channels, channels * 3, 1, act_bits=act_bits)
         self.attention = QuantizedQKVAttention(num_heads, act_bits=act_bits)
-        self.proj_out = BNNConv1d(channels, channels, 1, act_bits=act_bits)
+        self.proj_out = BinarizedConv1d(channels, channels, 1, act_bits=act_bits)
 
     def forward(self, x):
         b, c, *spatial = x.shape
@@ -151,7 +139,15 @@ class LayerSetting:
 
 def official_layer_settings(names: List[str]) -> Dict[str, LayerSetting]:
     """The official UNetModel's precision and order for its binarizable layers, `names` in module order
-    (openaimodel_ours.py UNetModel.__init__, then the txt2img.py recipe: all 'bnn' except bnn_modules[0, 1, 2, -1])."""
+    (openaimodel_ours.py UNetModel.__init__, then the txt2img.py recipe: all 'bnn' except bnn_modules[0, 1, 2, -1]).
+
+    No checkpoint stores them: the official constructor derives them from module names, and this repeats that rule:
+    - order 1 for modules whose name contains 'middle', for input_blocks.i with i//3 in {2, 3} and for
+      output_blocks.i with 3 - i//3 in {2, 3}; order 2 everywhere else (so input_blocks.0-5, output_blocks.6-11,
+      and index 12+ of deeper nets);
+    - every binarizable layer is 'bnn' except the first three and the last one in module order (time_embed.0,
+      time_embed.2, input_blocks.0.0, out.2), which stay full precision.
+    BinaryDMUNet's `layer_overrides` changes any of it by name."""
     settings = {}
     for name in names:
         if "middle" in name:
@@ -187,8 +183,8 @@ class BinaryDMUNet(nn.Module):
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(BNNLinear(model_channels, time_embed_dim, act_bits=act_bits), nn.SiLU(),
-                                        BNNLinear(time_embed_dim, time_embed_dim, act_bits=act_bits))
+        self.time_embed = nn.Sequential(BinarizedLinear(model_channels, time_embed_dim, act_bits=act_bits), nn.SiLU(),
+                                        BinarizedLinear(time_embed_dim, time_embed_dim, act_bits=act_bits))
 
         def res_block(channels, out, **updown):
             return ResBlock(channels, time_embed_dim, out, act_bits, use_scale_shift_norm, **updown)
@@ -202,7 +198,7 @@ class BinaryDMUNet(nn.Module):
             return Upsample(channels, conv_resample, act_bits) if up else Downsample(channels, conv_resample, act_bits)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
-            BNNConv2d(in_channels, model_channels, 3, padding=1, act_bits=act_bits))])
+            BinarizedConv2d(in_channels, model_channels, 3, padding=1, act_bits=act_bits))])
         skip_widths, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -229,7 +225,7 @@ class BinaryDMUNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(nn.GroupNorm(GROUP_NORM_GROUPS, ch), nn.SiLU(),
-                                 BNNConv2d(model_channels, out_channels, 3, padding=1, act_bits=act_bits))
+                                 BinarizedConv2d(model_channels, out_channels, 3, padding=1, act_bits=act_bits))
         self.layer_settings = official_layer_settings([name for name, _ in binarized_layers(self)])
         self.apply_layer_settings(layer_overrides or {})
 

@@ -1,23 +1,6 @@
-"""`bdm export` of a BinaryDM network: one ONNX file, graph `x_t` [N, C, H, W] float32, `t` [N] int64 -> `eps`
-[N, C, H, W], N, H and W dynamic.
-
-The machinery of every bdm export (base.onnx_graph): for the duration of the export every binarized layer is swapped
-for a `PackedMultiBasisLayer` holding the spec's inputs (packed sign bases, scales, bias, step) that emits one
-`bdm::MultiBasisConv` node; the network is traced and finished the same way (function bodies attached, metadata,
-latent-weight check, checker, atomic write).
-
-Modes (config.MODES), recorded as metadata `bdm.act_mode`:
-- static: the stored alpha of every quantizer is an initializer fed to the node (the deployment default).
-- dynamic: the step 2*mean|x|/sqrt(Qp) is computed in the graph (ReduceMean(Abs(x)) over the whole tensor, batch
-  included) before every quantizer, as the official training code runs.
-- w1a32: packed weights, act_bits 0 (no activation quantization anywhere).
-- fp: nothing swapped: latent weights in plain Conv/Gemm, no quantization (a parity reference, not a deployment).
-The attention's four quantizers are exported with standard ops (Clip, QuantizeLinear, DequantizeLinear), built by the
-same code as the function body's quantizer (multibasis_functions.act_quantize) over the TorchScript graph.
-
-Sign-0 weights (exact-zero latent weights, exact-zero second-basis residuals W - s1*sign(W)) cannot be packed: they
-are refused or resolved by base.sign_zeros.
-"""
+"""`bdm export` of a BinaryDM network: one ONNX file, `x_t` [N, C, H, W] float32, `t` [N] int64 -> `eps`, N, H and
+W dynamic, with one `bdm::MultiBasisConv` node per binarized layer (a `PackedMultiBasisLayer` for the duration of the
+trace) and the attention's quantizers as standard ops, in one of config.MODES (recorded as metadata bdm.act_mode)."""
 
 import dataclasses
 from pathlib import Path
@@ -113,8 +96,9 @@ def _step(quantizer_alpha: torch.Tensor, x: torch.Tensor, bits: int, dynamic: bo
 
 
 class PackedMultiBasisLayer(nn.Module):
-    """What a binarized BNNConv2d / BNNConv1d / BNNLinear becomes in the exported graph: one MultiBasisConv node
-    reading the packed sign bases, scales, bias and step (buffers under `packed.`, named after the spec's inputs)."""
+    """What a binarized layer (BinarizedConv2d, BinarizedConv1d, BinarizedLinear) becomes in the exported graph: one
+    MultiBasisConv node reading the packed sign bases, scales, bias and step (buffers under `packed.`, named after the
+    spec's inputs)."""
 
     def __init__(self, layer: BinarizedLayer, act_bits: int, dynamic: bool):
         super().__init__()
@@ -151,7 +135,13 @@ class ExportActQuantizer(nn.Module):
 # --- export ------------------------------------------------------------------------------------------------------
 
 def _swap(mode: str):
-    """replace(path, module) for swapped_modules: binarized layers and (quantizing modes) attention quantizers."""
+    """replace(path, module) for swapped_modules: binarized layers and (quantizing modes) attention quantizers.
+
+    static: the stored alpha of every quantizer is an initializer fed to the node (the deployment default).
+    dynamic: the step 2*mean|x|/sqrt(Qp) is computed in the graph (ReduceMean(Abs(x)) over the whole tensor, batch
+    included) before every quantizer, as the official training code runs. w1a32: packed weights, act_bits 0. fp:
+    nothing is swapped (latent weights in plain Conv/Gemm: a parity reference, not a deployment). The attention's
+    quantizers are Clip, QuantizeLinear, DequantizeLinear, built by the function body's own act_quantize."""
     dynamic = mode == "dynamic"
     quantizing = mode in ("static", "dynamic")
     attention_quantizers = set()

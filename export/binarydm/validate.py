@@ -1,21 +1,6 @@
 """`bdm validate` of a BinaryDM export: ONNX Runtime (and a TensorRT engine) against the PyTorch reference in the
-export's mode through the validation harness (base.validation: Polygraphy's Comparator, one feed at a time so that the
-per-layer values of only one feed are held), on seeded inputs at the start, middle and end of the schedule.
-
-Bound: max|y - y_ref| <= 1e-5 * max|y_ref| (fp32). In w1a32 and fp the whole network is well conditioned and must
-meet it. A W1A4 network in static or dynamic mode is chaotic: a value that lands within rounding of a 4-bit code
-boundary can take the neighbouring code in another runtime, and one flipped code moves the output by up to ~30 %
-(reference README). So a case whose output misses the bound is looked into, as the BI-DiffSR validation does with
-sign maps:
-- forced codes: the PyTorch network is re-run with ONNX Runtime's activation codes at every quantizer (each layer's
-  and each attention quantizer's, recomputed bit for bit from ONNX Runtime's own input and step); its output must
-  then meet the bound: everything else (convolutions, attention, GroupNorm, the time embedding, ...) is compared;
-- each code that differs from PyTorch's own (from PyTorch's input in that forced run) must be a rounding-level flip:
-  x / step within FLIP_MARGIN of the midpoint between the two codes; any other difference is a bug, not chaos;
-- every binarized layer teacher-forced: ONNX Runtime's input (and dynamic step) of each MultiBasisConv node through
-  the PyTorch layer must meet the bound against the node's output (this localises a layer error).
-Nothing is loosened: a flip is reported with its quantizer, never absorbed into a tolerance.
-"""
+export's mode, through the validation harness one feed at a time (only one feed's per-layer values are held); a case
+that misses the bound in a chaotic mode is looked into code flip by code flip (`compare`)."""
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,9 +248,23 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
             timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine=None,
             log: Callable[[str], None] = print) -> ValidationReport:
     """ONNX Runtime (and `engine`, a bdm runner of a TensorRT engine, when given) vs `model` (put in `mode` for the
-    comparison) on seeded feeds; see the module doc. An engine gives no per-layer values, so its cases are judged by
-    the plain bound: in a chaotic mode a rounding-level code flip fails them (the onnxruntime lines show whether
-    flips occur)."""
+    comparison) on seeded feeds at the start, middle and end of the schedule.
+
+    Bound: max|y - y_ref| <= 1e-5 * max|y_ref| (fp32). In w1a32 and fp the whole network is well conditioned and
+    must meet it. A W1A4 network in static or dynamic mode is chaotic: a value that lands within rounding of a 4-bit
+    code boundary can take the neighbouring code in another runtime, and one flipped code moves the output by up to
+    ~30 % (reference README). So a case whose output misses the bound is looked into, as the BI-DiffSR validation
+    does with sign maps:
+    - forced codes: the PyTorch network is re-run with ONNX Runtime's activation codes at every quantizer (each
+      layer's and each attention quantizer's, recomputed bit for bit from ONNX Runtime's own input and step); its
+      output must then meet the bound: everything else (convolutions, attention, GroupNorm, ...) is compared;
+    - each code that differs from PyTorch's own (from PyTorch's input in that forced run) must be a rounding-level
+      flip: x / step within FLIP_MARGIN of the midpoint between the two codes; any other difference is a bug;
+    - every binarized layer teacher-forced: ONNX Runtime's input (and dynamic step) of each MultiBasisConv node
+      through the PyTorch layer must meet the bound against the node's output (this localises a layer error).
+    Nothing is loosened: a flip is reported with its quantizer, never absorbed into a tolerance. An engine gives no
+    per-layer values, so its cases are judged by the plain bound: in a chaotic mode a rounding-level code flip fails
+    them (the onnxruntime lines show whether flips occur)."""
     onnx_model = onnx.load(str(onnx_path))
     probe = OnnxProbe(onnx_model)
     layers = dict(binarized_layers(model))

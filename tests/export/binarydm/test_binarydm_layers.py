@@ -12,7 +12,7 @@ from bdm.errors import BdmError
 from bdm.export.base.sign_zeros import SignZero, find_sign_zeros
 from bdm.export.binarydm.config import MODES
 from bdm.export.binarydm.network import sign_sources
-from bdm.export.binarydm.layers import (BNNConv2d, BNNLinear, QuantizedQKVAttention, act_range,
+from bdm.export.binarydm.layers import (BinarizedConv2d, BinarizedLinear, QuantizedQKVAttention, act_range,
                                         dynamic_step, effective_step, official_scale_init, set_mode)
 from bdm.plugins.multibasis_reference import pack_bases, sign_bases
 from bdm.plugins.packing import ZeroWeightError
@@ -161,7 +161,7 @@ def test_pack_bases_layout_and_zero_refusal():
 
 
 def test_exact_zero_weight_reported_in_both_bases():
-    layer = BNNConv2d(4, 2, 3, padding=1, order=2, act_bits=4)
+    layer = BinarizedConv2d(4, 2, 3, padding=1, order=2, act_bits=4)
     torch.manual_seed(0)
     layer.weight.data.normal_()
     layer.weight.data[1, 2, 0, 1] = 0.0
@@ -173,8 +173,8 @@ def test_exact_zero_weight_reported_in_both_bases():
 
 def test_bad_layer_settings_are_one_line_errors():
     with pytest.raises(BdmError, match="activation bits 3"):
-        BNNConv2d(4, 4, act_bits=3)
+        BinarizedConv2d(4, 4, act_bits=3)
     with pytest.raises(BdmError, match="order 3"):
-        BNNLinear(4, 4, order=3)
+        BinarizedLinear(4, 4, order=3)
     with pytest.raises(BdmError, match="mode 'int4'"):
-        set_mode(BNNLinear(4, 4), "int4")
+        set_mode(BinarizedLinear(4, 4), "int4")
