@@ -9,6 +9,7 @@ import typer
 
 from bdm.contract import ACT_MODE_KEY, SAMPLING_KEY
 from bdm.errors import BdmError
+from bdm.runtime.generate import GenerateSettings
 
 
 def _sampling_options(config: Optional[Path], runner) -> dict:
@@ -52,8 +53,9 @@ def generate(
     device: Optional[str] = typer.Option(None, help="Device for --ckpt: cpu or cuda (default: cuda if present)."),
     mode: Optional[str] = typer.Option(
         None, help="Activation-step mode for --ckpt: static (default), dynamic, w1a32 or fp."),
-    num: int = typer.Option(16, help="Number of samples (the grid holds ceil(sqrt(num)) per row)."),
-    steps: int = typer.Option(100, help="DDIM steps (LDM's DDIMSampler, eta 0; BinaryDM samples with 100)."),
+    num: int = typer.Option(GenerateSettings.num, help="Number of samples (the grid holds ceil(sqrt(num)) per row)."),
+    steps: int = typer.Option(GenerateSettings.steps, help=f"DDIM steps (LDM's DDIMSampler, eta 0; BinaryDM samples "
+                                                           f"with {GenerateSettings.steps})."),
     seed: int = typer.Option(0, help="Seed of the initial noise (drawn on the host, identical for all backends)."),
     noise_file: Optional[Path] = typer.Option(None, help="Replay the initial noise from a .npy [num,C,H,W] file."),
     size: Optional[int] = typer.Option(None, help="Image side in pixels (default: the model's image_size)."),
@@ -63,7 +65,7 @@ def generate(
     """Sample images from an unconditional diffusion model with DDIM and write them as one grid."""
     from bdm.cli.upscale_cmds import _make_runner
     from bdm.runtime.backends import UNCONDITIONAL_INPUT_NAMES, require_inputs
-    from bdm.runtime.generate import GenerateSettings, check_request, generate as run_generate
+    from bdm.runtime.generate import check_request, generate as run_generate
 
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")

@@ -8,6 +8,7 @@ import typer
 
 from bdm.contract import SCALE_KEY
 from bdm.errors import BdmError
+from bdm.runtime.sampler import DEFAULT_STEPS
 
 RELEASED_SCALE = 4  # the released BI-DiffSR checkpoint most users deploy is x4
 
@@ -66,7 +67,7 @@ def upscale(
     scale: Optional[int] = typer.Option(
         None, min=1, help="Upscaling factor (default: the config's `scale`, else 4 as the released x4)."),
     steps: Optional[int] = typer.Option(
-        None, help="DDIM steps (default: the config's num_inference_steps, else 50 as the original)."),
+        None, help=f"DDIM steps (default: the config's num_inference_steps, else {DEFAULT_STEPS} as the original)."),
     seed: int = typer.Option(0, help="Seed of the initial noise (drawn on the host, identical for all backends)."),
     noise_file: Optional[Path] = typer.Option(None, help="Replay the initial noise from a .npy [1,3,H,W] file."),
     tile: Optional[int] = typer.Option(
@@ -95,7 +96,7 @@ def upscale(
                   file=sys.stderr)
             scale = RELEASED_SCALE
     if steps is None:
-        steps = (options.get("beta_schedule") or {}).get("num_inference_steps", 50)
+        steps = (options.get("beta_schedule") or {}).get("num_inference_steps", DEFAULT_STEPS)
     settings = UpscaleSettings(
         scale=int(scale), steps=int(steps), seed=seed, noise_file=noise_file, tile=tile, tile_overlap=tile_overlap,
         memory_budget=memory_budget << 20 if memory_budget else None, fmt=fmt, overwrite=overwrite,
@@ -108,7 +109,7 @@ def upscale(
 
 
 def bench(
-    steps: int = typer.Option(50, help="DDIM steps per run."),
+    steps: int = typer.Option(DEFAULT_STEPS, help="DDIM steps per run."),
     size: int = typer.Option(64, help="LR side in pixels; x4 gives the network input size (64 -> 256)."),
     backends: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. torch-cpu,ort-cpu."),
 ):
