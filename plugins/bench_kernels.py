@@ -153,18 +153,24 @@ def main(argv=None):
     return 0
 
 
+def rows(op: str, sizes):
+    """The table's rows in order: (where, channels, kernel size, output side, act_bits or None) per output size."""
+    if op == "binary_conv":
+        return [(where, channels, k, size // div, None) for size in sizes for channels, k, div, where in BINARY_LAYERS]
+    return [(where, channels, 3, size // div, act_bits) for size in sizes for channels, div, where in MULTIBASIS_LAYERS
+            for act_bits in (4, 8)]
+
+
 def print_binary(args):
     header = (f"{'layer (fp16 activations)':<26}{'C':>5}{'k':>3}{'HxW':>9} | {'fused simple':>12}{'fused TC':>10}"
               f"{'cuDNN fp16':>11}{'int8 GEMM':>10} | {'TC/cuDNN':>8}{'TC/int8':>8}")
     print(header)
     print("-" * len(header))
-    for size in args.sizes:
-        for channels, k, div, where in BINARY_LAYERS:
-            hw = size // div
-            r = bench_binary_layer(channels, k, hw, args.batch, args.library)
-            print(f"{where:<26}{channels:>5}{k:>3}{f'{hw}x{hw}':>9} | {r['simple']:>12.1f}{r['tensor_core']:>10.1f}"
-                  f"{r['cudnn_fp16']:>11.1f}{r['int8_gemm']:>10.1f} | "
-                  f"{r['tensor_core'] / r['cudnn_fp16']:>8.2f}{r['tensor_core'] / r['int8_gemm']:>8.2f}")
+    for where, channels, k, hw, _ in rows(args.op, args.sizes):
+        r = bench_binary_layer(channels, k, hw, args.batch, args.library)
+        print(f"{where:<26}{channels:>5}{k:>3}{f'{hw}x{hw}':>9} | {r['simple']:>12.1f}{r['tensor_core']:>10.1f}"
+              f"{r['cudnn_fp16']:>11.1f}{r['int8_gemm']:>10.1f} | "
+              f"{r['tensor_core'] / r['cudnn_fp16']:>8.2f}{r['tensor_core'] / r['int8_gemm']:>8.2f}")
 
 
 def print_multibasis(args):
@@ -172,13 +178,10 @@ def print_multibasis(args):
               f"{'TC/cuDNN':>8}")
     print(header)
     print("-" * len(header))
-    for size in args.sizes:
-        for channels, div, where in MULTIBASIS_LAYERS:
-            hw = size // div
-            for act_bits in (4, 8):
-                r = bench_multibasis_layer(channels, hw, args.batch, args.library, act_bits)
-                print(f"{where:<24}{act_bits:>3}{channels:>5}{f'{hw}x{hw}':>9} | {r['simple']:>9.1f}"
-                      f"{r['tensor_core']:>9.1f}{r['cudnn_fp16']:>11.1f} | {r['tensor_core'] / r['cudnn_fp16']:>8.2f}")
+    for where, channels, _, hw, act_bits in rows(args.op, args.sizes):
+        r = bench_multibasis_layer(channels, hw, args.batch, args.library, act_bits)
+        print(f"{where:<24}{act_bits:>3}{channels:>5}{f'{hw}x{hw}':>9} | {r['simple']:>9.1f}"
+              f"{r['tensor_core']:>9.1f}{r['cudnn_fp16']:>11.1f} | {r['tensor_core'] / r['cudnn_fp16']:>8.2f}")
 
 
 if __name__ == "__main__":

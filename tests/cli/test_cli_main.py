@@ -1,5 +1,6 @@
 """The CLI's contract: every command is listed with help, and failures are one line with a non-zero exit."""
 
+import re
 import subprocess
 
 import pytest
@@ -12,11 +13,22 @@ def run_bdm(*args):
     return subprocess.run(["bdm", *args], capture_output=True, text=True)
 
 
+COMMANDS = ["export", "validate", "inspect", "build-engine", "doctor", "upscale", "bench", "generate"]
+
+
 def test_help_lists_every_command():
+    """`bdm --help` has one row per command (the name in the first column, its summary beside it): exactly these."""
+    import click
+    import typer
+
+    group = typer.main.get_command(cli_main.app)
+    assert sorted(group.list_commands(click.Context(group))) == sorted(COMMANDS)
     out = run_bdm("--help")
     assert out.returncode == 0
-    for command in ("export", "build-engine", "upscale", "validate", "inspect", "doctor"):
-        assert command in out.stdout
+    rows = [re.match(r"^\W*([a-z][a-z-]*)\s{2,}\w", line) for line in out.stdout.splitlines()]
+    assert [row.group(1) for row in rows if row] == COMMANDS  # registration order
+    for name in COMMANDS:
+        assert group.get_command(click.Context(group), name).get_short_help_str().strip(), name
 
 
 @pytest.mark.parametrize("exc, code, text", [

@@ -1,6 +1,5 @@
-"""The kernels through their C ABI (bdm.plugins.kernels) against an independent PyTorch implementation of the
-op specs (plugin_spec_reference.py) and against the BI-DiffSR network's own BIConv layers on the reference
-goldens' inputs.
+"""The kernels through their C ABI (bdm.plugins.kernels) against the op specs' NumPy reference (bdm.plugins.reference)
+and against the BI-DiffSR network's own BIConv layers on the reference goldens' inputs.
 
 Backends "<side>-<kernel>": side "host" runs the device code on the CPU through the C ABI's host path (every
 machine with nvcc): "host-simple" the straightforward kernel's per-output function, "host-tensor_core" the
@@ -10,15 +9,12 @@ integer dot product is exact and every epilogue step is one IEEE float32 operati
 difference is a bug, not rounding.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-import plugin_spec_reference as ref
 from bdm.errors import BdmError
-from bdm.plugins import kernels
+from bdm.plugins import kernels, packing, reference
 
 BACKENDS = ["host-simple", "host-tensor_core", "gpu-simple", "gpu-tensor_core"]
 # t values: every group, both sides of each boundary, and clamping below 0 / above total_steps
@@ -80,10 +76,21 @@ def make_x(cin, h, w, dtype, seed):
     return x.to(dtype)
 
 
+def spec_conv(x, weight, alpha, *, pad_value=0, t=None, residual=1, **tables):
+    """The spec's output: BinaryConv2d given t and the tables, else BinarySignConv2d (latent weights, packed here)."""
+    cout, cin, k, _ = weight.shape
+    inputs = dict(x=np.asarray(x), weight=packing.pack_signs(weight.numpy()), alpha=alpha.numpy())
+    attributes = dict(in_channels=cin, out_channels=cout, kernel_size=k, pad_value=pad_value)
+    if t is None:
+        return reference.run("BinarySignConv2d", inputs, attributes)
+    inputs.update(t=np.asarray(t), **{name: table.numpy() for name, table in tables.items()})
+    return reference.run("BinaryConv2d", inputs, dict(attributes, residual=residual))
+
+
 def run_conv(library, backend, x, weight, alpha, t=None, tables=None, **attrs):
     tables = tables or {}
     return to_numpy(kernels.binary_conv2d(
-        on_backend(backend, x.numpy()), on_backend(backend, ref.pack_weight_signs(weight)),
+        on_backend(backend, x.numpy()), on_backend(backend, packing.pack_signs(weight.numpy())),
         on_backend(backend, alpha.numpy()), t=on_backend(backend, t),
         **{name: on_backend(backend, None if v is None else v.numpy()) for name, v in tables.items()},
         in_channels=weight.shape[1], out_channels=weight.shape[0], kernel_size=weight.shape[-1],
@@ -100,9 +107,9 @@ def test_binary_conv2d_matches_spec_for_every_group(library, backend, case, dtyp
     residual = int(cin == cout)
     for t0 in TIMESTEPS:
         t = np.array([t0, 1999 - max(t0, 0) % 2000], dtype=np.int32)  # sample 1's t must not matter
-        expected, _ = ref.binary_conv2d(x, weight, alpha, pad_value=pad, t=t, residual=residual, **tables)
+        expected = spec_conv(x, weight, alpha, pad_value=pad, t=t, residual=residual, **tables)
         ours = run_conv(library, backend, x, weight, alpha, t=t, tables=tables, pad_value=pad, residual=residual)
-        assert_bit_identical(ours, expected.numpy(), f"t={t0}")
+        assert_bit_identical(ours, expected, f"t={t0}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,9 +119,9 @@ def test_integer_dot_product_is_exact(library, backend, pad):
     cin, cout = 300, 72
     weight, _, _ = conv_case(cin, cout, 3, seed=7)
     x = make_x(cin, 13, 11, torch.float32, seed=3)
-    _, dot = ref.binary_conv2d(x, weight, torch.ones(cout), pad_value=pad)
+    dot = reference.binary_dot(reference.sign(x.numpy()), packing.pack_signs(weight.numpy()), cin, 3, pad)
     ours = run_conv(library, backend, x, weight, torch.ones(cout), pad_value=pad)
-    assert_bit_identical(ours, dot.numpy().astype(np.float32), f"pad_value={pad}")
+    assert_bit_identical(ours, dot.astype(np.float32), f"pad_value={pad}")
     assert np.abs(ours).max() > 100  # not a degenerate all-zero sign map
 
 
@@ -145,11 +152,12 @@ def test_timestep_affine_matches_spec_for_every_group(library, backend, op, dtyp
                   "bias1": torch.randn(5, channels, generator=gen)}
     for t0 in TIMESTEPS:
         t = np.array([t0, 0], dtype=np.int32)
-        expected = ref.timestep_affine(x, t, **tables)
+        expected = reference.run(op, dict(x=x.numpy(), t=t, **{k: v.numpy() for k, v in tables.items()}),
+                                 dict(channels=channels))
         ours = kernels.timestep_affine(on_backend(backend, x.numpy()), on_backend(backend, t),
                                        **{k: on_backend(backend, v.numpy()) for k, v in tables.items()},
                                        library=library)
-        assert_bit_identical(to_numpy(ours), expected.numpy(), f"{op} t={t0}")
+        assert_bit_identical(to_numpy(ours), expected, f"{op} t={t0}")
 
 
 def test_arguments_outside_the_spec_are_refused(library):
@@ -158,7 +166,7 @@ def test_arguments_outside_the_spec_are_refused(library):
     with pytest.raises(BdmError, match="invalid argument"):
         run_conv(library, "host-simple", x, weight, alpha, t=np.zeros(2, np.int32), tables=dict(tables, slope=None))
     with pytest.raises(BdmError, match="x must be float32 or float16"):
-        kernels.binary_conv2d(x.double().numpy(), ref.pack_weight_signs(weight), alpha.numpy(), in_channels=8,
+        kernels.binary_conv2d(x.double().numpy(), packing.pack_signs(weight.numpy()), alpha.numpy(), in_channels=8,
                               out_channels=8, kernel_size=3, library=library)
 
 
@@ -210,7 +218,7 @@ def test_kernels_are_cuda_graph_capture_safe(library, backend):
     t = on_backend(backend, np.array([100, 0], dtype=np.int32))
     args = dict(in_channels=64, out_channels=64, kernel_size=3, library=library, algo=backend.split("-", 1)[1],
                 **{k: on_backend(backend, v.numpy()) for k, v in tables.items()})
-    packed, alpha_dev = on_backend(backend, ref.pack_weight_signs(weight)), on_backend(backend, alpha.numpy())
+    packed, alpha_dev = on_backend(backend, packing.pack_signs(weight.numpy())), on_backend(backend, alpha.numpy())
     kernels.binary_conv2d(x, packed, alpha_dev, t=t, **args)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -220,5 +228,5 @@ def test_kernels_are_cuda_graph_capture_safe(library, backend):
         t.fill_(t0)
         graph.replay()
         torch.cuda.synchronize()
-        expected, _ = ref.binary_conv2d(torch.from_numpy(to_numpy(x)), weight, alpha, t=np.array([t0]), **tables)
-        assert_bit_identical(to_numpy(y), expected.numpy(), f"replay t={t0}")
+        expected = spec_conv(to_numpy(x), weight, alpha, t=np.array([t0], np.int32), **tables)
+        assert_bit_identical(to_numpy(y), expected, f"replay t={t0}")
