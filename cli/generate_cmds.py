@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bdm.contract import ACT_MODE_KEY, SAMPLING_KEY
+from bdm.contract import ACT_MODE_KEY, BINARYDM, SAMPLING_KEY
 from bdm.errors import BdmError
 from bdm.runtime.generate import GenerateSettings
 
@@ -29,11 +29,12 @@ def _sampling_options(config: Optional[Path], runner) -> dict:
 
 def _set_mode(runner, mode: Optional[str]):
     """--mode applies to a checkpoint; an exported model carries the mode it was exported in."""
-    from bdm.export.binarydm.layers import set_mode
+    from bdm.export.registry import FAMILIES
 
     model = getattr(runner, "model", None)
     if model is not None:
-        set_mode(model, mode or "static")
+        family = FAMILIES[BINARYDM]
+        family.set_mode(model, mode or family.default_mode)
     elif mode is not None:
         recorded = getattr(runner, "metadata", {}).get(ACT_MODE_KEY)
         if recorded != mode:
