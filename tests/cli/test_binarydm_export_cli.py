@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 CASE = "unet_cifar_like_w32"
-pytestmark = pytest.mark.filterwarnings("ignore:.*exact-zero latent weights")
+pytestmark = pytest.mark.filterwarnings("ignore:.*sign-0 weights")
 
 
 def run_bdm(*args):

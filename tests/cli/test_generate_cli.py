@@ -12,7 +12,7 @@ from PIL import Image
 from bdm.cli import main as cli_main
 
 CASE = "unet_cifar_like_w32"
-pytestmark = pytest.mark.filterwarnings("ignore:.*exact-zero latent weights")
+pytestmark = pytest.mark.filterwarnings("ignore:.*sign-0 weights")
 
 
 def test_generate_end_to_end(bdm_ref, tmp_path):
