@@ -89,12 +89,16 @@ def upscale(
     schedule = _schedule_options(options)
     runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
     require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
+    recorded = getattr(runner, "metadata", {}).get(SCALE_KEY)
     if scale is None:
-        scale = options.get("scale") or getattr(runner, "metadata", {}).get(SCALE_KEY)
+        scale = options.get("scale") or recorded
         if scale is None:
             print(f"bdm: no --scale and no scale in the config; using x{RELEASED_SCALE} (the released model)",
                   file=sys.stderr)
             scale = RELEASED_SCALE
+    if recorded is not None and int(recorded) != int(scale):
+        print(f"bdm: warning: upscaling x{scale}, but {runner.describe()} was exported for x{recorded}; the output "
+              f"will be poor unless the network was trained for x{scale}", file=sys.stderr)
     if steps is None:
         steps = (options.get("beta_schedule") or {}).get("num_inference_steps", DEFAULT_STEPS)
     settings = UpscaleSettings(

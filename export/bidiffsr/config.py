@@ -2,6 +2,7 @@
 validated constructor arguments; the upscaling factor an export records; how a BI-DiffSR state_dict is recognised."""
 
 import copy
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -115,3 +116,16 @@ def options_scale(config) -> Optional[int]:
     options = yaml.safe_load(Path(config).read_text())  # the model was loaded from it already
     scale = options.get("scale") if isinstance(options, dict) else None
     return scale if isinstance(scale, int) and not isinstance(scale, bool) else None
+
+
+def checkpoint_name_scale(ckpt) -> Optional[int]:
+    """The upscaling factor a checkpoint's file name states as a word `x<N>` (BI_DiffSR_x4.pth, net_g_x2_500000.pth),
+    or None when it states none or several different ones."""
+    found = {int(n) for n in re.findall(r"(?:^|[^a-z0-9])x(\d+)(?![0-9])", Path(ckpt).stem.lower())}
+    return found.pop() if len(found) == 1 else None
+
+
+def recorded_scale(config, ckpt) -> Optional[int]:
+    """The scale an export records: the options YAML's `scale`, else the one the checkpoint's name states."""
+    scale = options_scale(config)
+    return scale if scale is not None else checkpoint_name_scale(ckpt)

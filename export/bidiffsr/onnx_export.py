@@ -23,7 +23,7 @@ from bdm.export.base.onnx_graph import (DTYPES, bdm_op, check_no_binarized_weigh
                                         swapped_modules, trace, write_validated)
 from bdm.export.base.sign_zeros import refuse_sign_zeros, resolve_sign_zeros
 from bdm.export.bidiffsr import network as bidiffsr
-from bdm.export.bidiffsr.config import bidiffsr_network_g, options_scale
+from bdm.export.bidiffsr.config import bidiffsr_network_g, recorded_scale
 from bdm.files import file_sha256
 from bdm.plugins import packing
 # What `bdm export` checks before it reports success: the last t of every group (group_rule of the spec), batch 2
@@ -161,7 +161,7 @@ def export_checkpoint(ckpt, output: Path, config, model: nn.Module, options: Exp
     if resolved:
         log(f"{resolved} sign-0 weights exported as {zero_sign:+d}")
     recorded = ModelMetadata(network_g=bidiffsr_network_g(config), checkpoint=Path(ckpt).name,
-                             checkpoint_sha256=file_sha256(ckpt), scale=options_scale(config))
+                             checkpoint_sha256=file_sha256(ckpt), scale=recorded_scale(config, ckpt))
     onnx_model = to_onnx(model, options.dtype, options.opset, options.fused, zero_sign, recorded)
 
     def compare(path):

@@ -77,3 +77,21 @@ def test_non_image_input_fails_with_its_name(bi_ref, tmp_path):
     assert result.returncode == 1
     assert f"cannot read {bad}: not a readable image" in result.stderr and "Traceback" not in result.stderr
     assert "0 upscaled, 0 skipped, 1 failed" in result.stderr and not (tmp_path / "o.png").exists()
+
+
+def test_a_scale_other_than_the_recorded_one_is_one_warning(bi_ref, lr_png, tmp_path):
+    """The export records x4 (the checkpoint's name says so); upscaling x3 with it runs, and says so in one line."""
+    model = tmp_path / "small_x4.onnx"
+    exported = run_bdm("export", bi_ref / "ckpt_small_x4.pth", model, "--config", bi_ref / "ckpt_small_x4.yml",
+                       "--no-validate")
+    assert exported.returncode == 0, exported.stderr
+    warnings = {}
+    for scale in ("3", "4"):
+        out = tmp_path / f"x{scale}.png"
+        result = run_bdm("upscale", "--onnx", model, "--scale", scale, "--steps", "1", lr_png, out)
+        assert result.returncode == 0, result.stderr
+        warnings[scale] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings["4"] == [] and len(warnings["3"]) == 1
+    assert warnings["3"][0].startswith("bdm: warning: upscaling x3, but ONNX Runtime") and "exported for x4" in \
+        warnings["3"][0]
+    assert np.asarray(Image.open(tmp_path / "x3.png")).shape == (72, 72, 3)

@@ -15,6 +15,7 @@ from bdm.export import inspect, registry
 from bdm.export.base.family import ExportOptions
 from bdm.export.base.sign_zeros import resolve_sign_zeros
 from bdm.export.bidiffsr import network as bidiffsr, onnx_export, validate
+from bdm.export.bidiffsr.config import checkpoint_name_scale, recorded_scale
 from bdm.plugins import packing, spec
 
 REL_TOL = 1e-5
@@ -209,6 +210,16 @@ def test_export_checkpoint_records_the_source_and_the_options_scale(bi_ref, tmp_
     meta = metadata(onnx.load(str(done.path)))
     assert meta.scale == 2 and meta.checkpoint == "ckpt_small_x4.pth" and meta.dtype == "fp32"
     assert meta.network_g["inner_channel"] == 8 and len(meta.checkpoint_sha256) == 64
+
+
+def test_the_scale_recorded_comes_from_the_options_yaml_else_the_checkpoint_name(bi_ref, tmp_path):
+    assert [checkpoint_name_scale(name) for name in ("BI_DiffSR_x4.pth", "net_g_x2_500000.pth", "x16.pth")] == [4, 2, 16]
+    assert [checkpoint_name_scale(name) for name in ("model.pth", "max8.pth", "unet_x4_x2.pth")] == [None] * 3
+    options = tmp_path / "options.yml"
+    options.write_text("scale: 2\n")
+    assert recorded_scale(options, "BI_DiffSR_x4.pth") == 2
+    assert recorded_scale(bi_ref / "ckpt_small_x4.yml", bi_ref / "ckpt_small_x4.pth") == 4  # no scale in the YAML
+    assert recorded_scale(None, "model.pth") is None
 
 
 def test_the_latent_weight_check_catches_a_network_traced_without_packing(small_model):
