@@ -27,8 +27,15 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, SimpleCompareFunc
+from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
+
+try:
+    from polygraphy.comparator import SimpleCompareFunc
+except ImportError:  # Polygraphy 0.49 (the TensorRT OSS tree's) and 0.50: the same arguments, as CompareFunc.simple
+    from polygraphy.comparator import CompareFunc
+
+    SimpleCompareFunc = CompareFunc.simple
 
 from bdm.errors import BdmError
 from bdm.export import bidiffsr, functions
