@@ -251,11 +251,19 @@ def resolve_plugins(plugins) -> Path:
     return path
 
 
+def registered_bdm_creators(registry) -> list:
+    """'bdm::Name vN' of every bdm creator in a TensorRT plugin registry."""
+    return sorted(f"{c.plugin_namespace}::{c.name} v{c.plugin_version}" for c in registry.all_creators
+                  if getattr(c, "plugin_namespace", None) == "bdm")
+
+
 def load_plugins(trt, plugin_library: Path):
-    """Register the bdm creators through IPluginRegistry::loadLibrary (getCreators); the library withdraws its
-    own load-time self-registration first, so this works whether or not it was loaded before."""
+    """Register the bdm creators through IPluginRegistry::loadLibrary (getCreators), once per process: loadLibrary
+    fails when a creator is already registered, so a process that loaded the library before keeps those."""
     check_plugin_major(plugin_library, trt.__version__)
     registry = trt.get_plugin_registry()
+    if registered_bdm_creators(registry):
+        return None
     try:
         handle = registry.load_library(str(plugin_library))
     except Exception as e:  # the bindings raise on failure in some versions, return None in others
@@ -263,9 +271,6 @@ def load_plugins(trt, plugin_library: Path):
     else:
         error = None
     if handle is None:
-        namespaces = {c.plugin_namespace for c in registry.all_creators} if hasattr(registry, "all_creators") else set()
-        if "bdm" in namespaces:
-            return None  # already registered in this process (an earlier load of the same library)
         raise BdmError(f"TensorRT {trt.__version__} could not load {plugin_library}"
                        f"{f' ({error})' if error else ''}; rebuild it against this TensorRT's headers with "
                        f"`python -m bdm.plugins.build`")

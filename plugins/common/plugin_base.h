@@ -85,7 +85,7 @@ struct OpDescriptor
 constexpr char const* kPluginNamespace = "bdm"; // plugins/common.yaml plugin_namespace
 constexpr char const* kPluginVersion = "1";     // plugins/common.yaml plugin_version
 
-// Log through the logger TensorRT handed us (setLoggerFinder), or libnvinfer's when we self-registered.
+// Log through the logger TensorRT handed us (setLoggerFinder); warnings and errors go to stderr before that.
 void logMessage(nvinfer1::ILogger::Severity severity, std::string const& message);
 
 class Plugin final : public nvinfer1::IPluginV3,
