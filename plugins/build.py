@@ -10,6 +10,7 @@ build/plugins under the repository root (or $BDM_PLUGINS_BUILD_DIR).
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,7 +115,12 @@ def build(build_dir: Optional[Path] = None, tensorrt_include: Optional[str] = No
 def _run(cmd, env, what) -> str:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        output = proc.stdout + proc.stderr
+        # CMakeLists.txt's own refusals are one `bdm: ...` message, which CMake wraps over indented lines.
+        ours = re.search(r"^CMake Error at [^\n]*\n((?:  .*\n?)+)", output, re.MULTILINE)
+        if ours and ours.group(1).strip().startswith("bdm:"):
+            raise BdmError(" ".join(ours.group(1).split())[len("bdm: "):])
+        tail = "\n".join(output.strip().splitlines()[-25:])
         raise BdmError(f"CMake {what} of plugins/ failed (exit {proc.returncode}): {tail}")
     return proc.stdout + proc.stderr
 

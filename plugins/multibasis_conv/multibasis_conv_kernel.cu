@@ -1,6 +1,7 @@
 // MultiBasisConv: activation quantization into code bit-planes, the bit-serial AND+popcount convolution (and the
 // float32 one for act_bits 0), the C ABI. The shared math is in multibasis_conv_device.cuh; the tensor-core kernel
 // in multibasis_conv_tensor_core.cu.
+#include "../common/bdm_launch.h"
 #include "multibasis_conv_device.cuh"
 #include "multibasis_conv_kernel.h"
 #include "multibasis_conv_tensor_core.cuh"
@@ -113,12 +114,11 @@ __global__ void convKernel(bdm_multibasis_conv_tensors ts, Geometry geo, uint32_
     simpleOutput(ts, geo, planes, outCoord(geo, outPixel), blockIdx.y);
 }
 
-// The tensor cores serve the quantized path only (act_bits 0 is float32 arithmetic); AUTO takes them where the
-// shape fills the mma tiles: K of at least 256 bits and 16 output channels.
-bool useTensorCore(Geometry const& geo, int algo)
+// The tensor cores serve the quantized path only (act_bits 0 is float32 arithmetic); they fit where the shape fills
+// the mma tiles: K of at least 256 bits and 16 output channels.
+bool tensorCoreFits(Geometry const& geo)
 {
-    bool const fits = geo.tapWords >= tc::kChunkWords && geo.outChannels >= 16;
-    return geo.actBits && (algo == BDM_CONV_TENSOR_CORE || (algo == BDM_CONV_AUTO && fits));
+    return geo.tapWords >= tc::kChunkWords && geo.outChannels >= 16;
 }
 
 void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo, int algo)
@@ -180,6 +180,14 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         return status;
     }
     Geometry const geo = makeGeometry(*shape);
+    int chosen = BDM_CONV_SIMPLE;
+    if (geo.actBits)
+    {
+        if (int const status = bdm::convAlgoForCurrentDevice(algo, tensorCoreFits(geo), chosen))
+        {
+            return status;
+        }
+    }
     uint32_t* planes = static_cast<uint32_t*>(workspace);
     if (geo.actBits)
     {
@@ -193,7 +201,7 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         }
         quantizeKernel<<<blocksFor(geo.pixels * geo.words), kThreads, 0, stream>>>(*tensors, geo, planes);
     }
-    if (useTensorCore(geo, algo))
+    if (chosen == BDM_CONV_TENSOR_CORE)
     {
         launchTensorCoreConv(*tensors, geo, planes, stream);
     }

@@ -222,3 +222,23 @@ def test_kernels_are_cuda_graph_capture_safe(library, backend):
         torch.cuda.synchronize()
         expected, _ = ref.binary_conv2d(torch.from_numpy(to_numpy(x)), weight, alpha, t=np.array([t0]), **tables)
         assert_bit_identical(to_numpy(y), expected.numpy(), f"replay t={t0}")
+
+
+@pytest.mark.parametrize("algo, fits, capability, chosen", [
+    ("auto", True, (8, 0), "tensor_core"), ("auto", True, (8, 6), "tensor_core"), ("auto", True, (8, 9), "tensor_core"),
+    ("auto", True, (9, 0), "tensor_core"),   # native BMMA
+    ("auto", False, (9, 0), "simple"),       # the shape does not fill the tiles
+    ("auto", True, (10, 0), "simple"), ("auto", True, (12, 0), "simple"),  # the b1 mma would be IMMA emulation
+    ("tensor_core", False, (8, 0), "tensor_core"), ("tensor_core", True, (12, 0), "tensor_core"),  # asked: it runs
+    ("simple", True, (9, 0), "simple"),
+])
+def test_the_automatic_choice_takes_tensor_cores_only_where_they_are_native(library, algo, fits, capability, chosen):
+    assert kernels.conv_algo_choice(algo, fits, capability, library=library) == chosen
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (6, 1)])
+def test_tensor_cores_are_refused_below_compute_capability_8(library, capability):
+    assert kernels.conv_algo_choice("auto", True, capability, library=library) == "simple"
+    with pytest.raises(BdmError, match="needs a GPU of compute capability 8.0 or newer"):
+        kernels.conv_algo_choice("tensor_core", True, capability, library=library)
+

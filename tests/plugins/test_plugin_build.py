@@ -14,10 +14,12 @@ import pytest
 
 from bdm.errors import BdmError
 from bdm.plugins import build as plugin_build
+from plugin_test_support import require_toolchain
 
 SASS_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 PTX_ARCH = "sm_90"
 C_ABI = {"bdm_binary_conv2d", "bdm_binary_conv2d_host", "bdm_binary_conv_workspace_size", "bdm_status_string",
+         "bdm_conv_algo_choice",
          "bdm_timestep_affine", "bdm_timestep_affine_host", "bdm_multibasis_conv", "bdm_multibasis_conv_host",
          "bdm_multibasis_conv_out_size", "bdm_multibasis_conv_workspace_size"}
 
@@ -164,3 +166,20 @@ def test_a_parent_projects_fast_math_cannot_change_the_kernels(kernels_build, tm
     default, parent = (sass_by_function(lib, "sm_90") for lib in (kernels_build.kernels, build_dir / "libbdm_kernels.so"))
     assert parent.keys() == default.keys()
     assert [name for name in default if parent[name] != default[name]] == []
+
+
+def test_architectures_below_sm_80_are_refused_at_configure_time(tmp_path):
+    require_toolchain()
+    with pytest.raises(BdmError, match=r"^CMAKE_CUDA_ARCHITECTURES=80-real;75-real includes 75-real; the bdm kernels "
+                                       r"need sm_80 or newer \(binary tensor cores\): give 80 and up"):
+        plugin_build.build(tmp_path / "b", tensorrt_include="", cuda_architectures="80-real;75-real")
+
+
+def test_kernels_do_not_compile_below_sm_80(tmp_path):
+    """Whatever sets the architectures (a parent project, 'native' on an old GPU): no kernel that would trap."""
+    require_toolchain()
+    source = plugin_build.PLUGINS_DIR / "binary_conv" / "binary_conv_tensor_core.cu"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_75", "-c", str(source), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "bdm kernels need sm_80 or newer" in proc.stdout + proc.stderr
+
