@@ -17,7 +17,8 @@ constexpr int kThreads = 256;
 
 bool validShape(bdm_binary_conv_shape const& s, bool timestepTables)
 {
-    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.height > 0 && s.width > 0
+    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.out_channels <= BDM_MAX_OUT_CHANNELS
+        && s.height > 0 && s.width > 0
         && (s.kernel_size == 1 || s.kernel_size == 3) && s.pad_value >= -1 && s.pad_value <= 1;
     if (timestepTables)
     {
@@ -128,7 +129,7 @@ int launchConv(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, int a
         dim3 const grid(blocksFor(geo.pixels), static_cast<unsigned>(geo.outChannels));
         simpleConvKernel<T><<<grid, kThreads, 0, stream>>>(ts, geo, pos, nonzero);
     }
-    return static_cast<int>(cudaGetLastError());
+    return launchStatus();
 }
 
 template <typename T>

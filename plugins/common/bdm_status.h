@@ -34,6 +34,9 @@ enum bdm_status
     BDM_UNSUPPORTED_DEVICE = -3 // BDM_CONV_TENSOR_CORE asked for on a GPU below compute capability 8.0
 };
 
+// The conv kernels put the output channels on gridDim.y (at most 65535): larger out_channels are refused.
+#define BDM_MAX_OUT_CHANNELS 65535
+
 // A static, human-readable text for a status code (CUDA's text for positive codes).
 BDM_API const char* bdm_status_string(int status);
 

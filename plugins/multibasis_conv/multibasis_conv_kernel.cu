@@ -26,7 +26,8 @@ int32_t outSize(int32_t length, int32_t kernel, int32_t stride, int32_t padding)
 
 bool validShape(bdm_multibasis_conv_shape const& s)
 {
-    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.height > 0 && s.width > 0
+    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.out_channels <= BDM_MAX_OUT_CHANNELS
+        && s.height > 0 && s.width > 0
         && s.kernel_size > 0 && s.padding >= 0 && (s.stride == 1 || s.stride == 2)
         && (s.num_bases == 1 || s.num_bases == 2) && (s.act_bits == 0 || s.act_bits == 4 || s.act_bits == 8);
     switch (s.spatial_dims)
@@ -210,7 +211,7 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         dim3 const grid(blocksFor(geo.outPixels), static_cast<unsigned>(geo.outChannels));
         convKernel<<<grid, kThreads, 0, stream>>>(*tensors, geo, planes);
     }
-    return static_cast<int>(cudaGetLastError());
+    return bdm::launchStatus();
 }
 
 extern "C" int bdm_multibasis_conv_host(

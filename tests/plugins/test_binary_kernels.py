@@ -18,7 +18,7 @@ import torch
 
 import plugin_spec_reference as ref
 from bdm.errors import BdmError
-from bdm.plugins import kernels
+from bdm.plugins import kernels, spec
 
 BACKENDS = ["host-simple", "host-tensor_core", "gpu-simple", "gpu-tensor_core"]
 # t values: every group, both sides of each boundary, and clamping below 0 / above total_steps
@@ -242,3 +242,16 @@ def test_tensor_cores_are_refused_below_compute_capability_8(library, capability
     with pytest.raises(BdmError, match="needs a GPU of compute capability 8.0 or newer"):
         kernels.conv_algo_choice("tensor_core", True, capability, library=library)
 
+
+def test_out_channels_beyond_the_grid_limit_are_refused(library):
+    """The kernels put the output channels on gridDim.y (at most 65535, spec `maximum`)."""
+    limit = spec.op("BinaryConv2d")["attributes"]["out_channels"]["maximum"]
+    x = np.ones((1, 8, 2, 2), np.float32)
+    for cout in (limit, limit + 1):
+        weight = np.zeros((cout, 1, 1, 1), np.int32)  # all -1
+        args = dict(in_channels=8, out_channels=cout, kernel_size=1, library=library)
+        if cout > limit:
+            with pytest.raises(BdmError, match="invalid argument"):
+                kernels.binary_conv2d(x, weight, np.ones(cout, np.float32), **args)
+        else:
+            assert (kernels.binary_conv2d(x, weight, np.ones(cout, np.float32), **args) == -8).all()

@@ -183,3 +183,11 @@ def test_kernels_do_not_compile_below_sm_80(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "bdm kernels need sm_80 or newer" in proc.stdout + proc.stderr
 
+
+def test_launchers_peek_at_the_last_cuda_error(kernels_build):
+    """Each launcher reads its launches' status with cudaPeekAtLastError (common/bdm_launch.h launchStatus)."""
+    launchers = ("binary_conv_kernel", "multibasis_conv_kernel", "timestep_affine_kernel")
+    for obj in kernel_objects(kernels_build.build_dir):
+        if obj.name.split(".")[0] in launchers:
+            undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True).stdout
+            assert "cudaPeekAtLastError" in undefined.split(), obj.name

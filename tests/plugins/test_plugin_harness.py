@@ -206,6 +206,20 @@ def test_creator_refuses_attributes_outside_the_spec(adapter_build, op_name, cha
     assert any(message in line for line in report["log"]), report["log"]
 
 
+@pytest.mark.parametrize("op_name, attribute", [(op, name) for op in sorted(spec.plugin_ops())
+                                                 for name, a in spec.op(op)["attributes"].items() if "maximum" in a])
+def test_creator_refuses_what_the_spec_maximum_refuses(adapter_build, op_name, attribute):
+    build, _ = adapter_build
+    maximum = spec.op(op_name)["attributes"][attribute]["maximum"]
+    for value, created in ((maximum, True), (maximum + 1, False)):
+        fields = dict(required_fields(op_name), **{attribute: value}, **({"residual": 0} if op_name == "BinaryConv2d"
+                                                                         else {}))
+        report, _ = run_harness(build, op_name, fields)
+        assert report["created"] == created, report["log"]
+    assert any(f"field '{attribute}' = {maximum + 1} is not an int32 from 1 to {maximum}" in line
+               for line in report["log"]), report["log"]
+
+
 @pytest.mark.parametrize("scenario", ["dlopen", "load_library"])
 def test_load_library_is_the_one_registration_path(adapter_build, scenario):
     """In a process that already holds libnvinfer.so.<major> (here the registry test double, loaded RTLD_LOCAL like
