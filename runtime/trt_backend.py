@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,8 +31,11 @@ from bdm.runtime.backends import OUTPUT_NAME, SAMPLING_METADATA, Limits, Runner,
 from bdm.runtime.generate import GenerateSettings
 
 SIDECAR_FORMAT = 1
+# TensorRT's ONNX parser prefers a registered plugin over a node's model-local function from 10.7 on (its changelog,
+# 10.7.0); 10.0 to 10.6 always expand the function body, so an engine would hold no bdm plugin.
+MIN_TENSORRT = (10, 7)
 INSTALL_TENSORRT = ("TensorRT is not installed: on a machine with an NVIDIA GPU and driver, "
-                    "`pip install 'bdm[tensorrt]'` (the tensorrt wheel, 10.x or 11.x)")
+                    "`pip install 'bdm[tensorrt]'` (the tensorrt wheel, 10.7 or newer)")
 # Fields whose mismatch makes an engine unusable here, in the order they are reported.
 SIDECAR_CHECKED = ("tensorrt_version", "gpu_name", "compute_capability", "plugin_sha256", "onnx_sha256")
 
@@ -93,8 +96,14 @@ def recorded_image_size(metadata: Dict[str, str]) -> Optional[int]:
     return int(json.loads(sampling)["image_size"]) if sampling else None
 
 
-def onnx_model_info(onnx_path) -> Tuple[Tuple[str, ...], Dict[str, str]]:
-    """(bdm input names, metadata) of an exported ONNX file, read without TensorRT."""
+class OnnxModelInfo(NamedTuple):
+    input_names: Tuple[str, ...]  # the bdm inputs (backends.model_input_names)
+    metadata: Dict[str, str]      # what `bdm export` recorded
+    bdm_nodes: int                # nodes of the bdm domain: the plugin layers an engine must hold
+
+
+def onnx_model_info(onnx_path) -> OnnxModelInfo:
+    """What build_engine needs of an exported ONNX file, read without TensorRT."""
     import onnx
 
     try:
@@ -106,7 +115,14 @@ def onnx_model_info(onnx_path) -> Tuple[Tuple[str, ...], Dict[str, str]]:
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
     names = model_input_names(inputs, [o.name for o in model.graph.output], str(onnx_path),
                               "export it with `bdm export`")
-    return names, {p.key: p.value for p in model.metadata_props}
+    return OnnxModelInfo(names, {p.key: p.value for p in model.metadata_props}, bdm_node_count(model))
+
+
+def bdm_node_count(model) -> int:
+    """The graph's nodes of the bdm domain (each one should become one plugin layer in TensorRT)."""
+    from bdm.plugins import spec
+
+    return sum(1 for node in model.graph.node if node.domain == spec.common()["domain"])
 
 
 def input_shape_for(name: str, dims: Sequence[int], nhw: Tuple[int, int, int]) -> Shape:
@@ -221,11 +237,33 @@ def machine_cache_dir(gpu_name: str, tensorrt_version: str) -> Path:
 # ---- TensorRT ----------------------------------------------------------------------------------------------
 
 def import_tensorrt():
+    """The tensorrt module, 10.7 or newer (check_tensorrt_version)."""
     try:
         import tensorrt
     except ImportError:
         raise BdmError(INSTALL_TENSORRT) from None
+    check_tensorrt_version(tensorrt.__version__)
     return tensorrt
+
+
+def check_tensorrt_version(version: str):
+    """BdmError unless `version` is MIN_TENSORRT or newer."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if numbers < MIN_TENSORRT:
+        least = ".".join(map(str, MIN_TENSORRT))
+        raise BdmError(f"TensorRT {version} is installed; bdm needs {least} or newer, whose ONNX parser uses the bdm "
+                       f"plugins (older ones run the nodes' function bodies instead): pip install 'tensorrt>={least}'")
+
+
+def check_plugin_layers(trt, network, bdm_nodes: int, onnx_path):
+    """Before building: one plugin layer per bdm node of the file, else the parser ran function bodies instead of
+    the bdm plugins (TensorRT older than 10.7, or nodes without the plugin_namespace attribute)."""
+    plugin_layers = sum(1 for i in range(network.num_layers)
+                        if network.get_layer(i).type == trt.LayerType.PLUGIN_V3)
+    if plugin_layers != bdm_nodes:
+        raise BdmError(f"TensorRT {trt.__version__} parsed {onnx_path} into {plugin_layers} plugin layers for its "
+                       f"{bdm_nodes} bdm nodes, so the engine would not run the bdm plugins; export the model again "
+                       f"with `bdm export` and build with TensorRT >= {'.'.join(map(str, MIN_TENSORRT))}")
 
 
 def gpu_identity() -> Dict[str, str]:
@@ -335,6 +373,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     serialized engine + sidecar, both written atomically. Shapes not given: see resolve_profile.
 
     Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set).
+    The parsed network must hold one plugin layer per bdm node (check_plugin_layers).
     The timing cache is loaded and saved (default: one per GPU model and TensorRT version). An engine built
     before for the same model, plugins, profile and dtype on this GPU model and TensorRT version is reused.
     The sidecar keeps the ONNX metadata, which the runner reads as ONNX Runtime's reads the model's."""
@@ -344,7 +383,8 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
         raise BdmError(f"{onnx_path}: no such ONNX file; export one with `bdm export`")
     if workspace_mb < 1:
         raise BdmError(f"--workspace {workspace_mb}: give the builder workspace in MB (>= 1)")
-    _, metadata = onnx_model_info(onnx_path)
+    info = onnx_model_info(onnx_path)
+    metadata = info.metadata
     min_nhw, opt_nhw, max_nhw = resolve_profile((min_shape, opt_shape, max_shape), recorded_image_size(metadata))
     trt = import_tensorrt()
     gpu = gpu_identity()
@@ -376,6 +416,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BdmError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else 'unknown error'}"
                        f"{' (is the plugin library the one built for this model?)' if 'plugin' in str(errors).lower() else ''}")
+    check_plugin_layers(trt, network, info.bdm_nodes, onnx_path)
     dims = onnx_input_dims(trt, network)
     shapes = profile_shapes(dims, min_nhw, opt_nhw, max_nhw)
     sidecar["input_shapes"] = {name: {k: list(v) for k, v in s.items()} for name, s in shapes.items()}

@@ -1,9 +1,10 @@
 """The parts of the TensorRT backend that need no TensorRT: the input names an engine may have, profile shapes
 (conditional and unconditional models), the engine sidecar check, the engine cache key, the plugin-library/TensorRT
-major check."""
+major check, the TensorRT version floor, the plugin-layer count (on real exported files, with a fake network)."""
 
 import json
 
+import onnx
 import pytest
 
 from bdm.errors import BdmError
@@ -140,3 +141,67 @@ def test_plugin_library_built_for_another_major_is_refused(tmp_path):
     tb.check_plugin_major(library, "10.13.0.35")
     with pytest.raises(BdmError, match="compiled against TensorRT 10.16.0.72 headers, the installed TensorRT is 11"):
         tb.check_plugin_major(library, "11.4.0.106")
+
+
+@pytest.mark.parametrize("version, ok", [("10.6.0.26", False), ("10.0.1.6", False), ("8.6.1", False),
+                                         ("10.7.0.23", True), ("10.16.0.72", True), ("11.4.0.106", True)])
+def test_tensorrt_before_10_7_is_refused(version, ok):
+    """Before 10.7 TensorRT's ONNX parser always runs a node's model-local function, never the registered plugin."""
+    if ok:
+        tb.check_tensorrt_version(version)
+        return
+    with pytest.raises(BdmError) as err:
+        tb.check_tensorrt_version(version)
+    assert str(err.value) == (f"TensorRT {version} is installed; bdm needs 10.7 or newer, whose ONNX parser uses the "
+                              "bdm plugins (older ones run the nodes' function bodies instead): pip install "
+                              "'tensorrt>=10.7'")
+
+
+class FakeTensorRT:
+    """A fake of the TensorRT Python module surface these checks read: its version and LayerType."""
+
+    __version__ = "10.16.0.72"
+
+    class LayerType:
+        PLUGIN_V3, CONVOLUTION, ELEMENTWISE = "PLUGIN_V3", "CONVOLUTION", "ELEMENTWISE"
+
+
+class FakeNetwork:
+    """A fake of INetworkDefinition as check_plugin_layers reads it (num_layers, get_layer(i).type): a parsed
+    network of `plugin_layers` PLUGIN_V3 layers among `other_layers` others."""
+
+    def __init__(self, plugin_layers, other_layers):
+        self.types = [FakeTensorRT.LayerType.CONVOLUTION] * other_layers + [FakeTensorRT.LayerType.PLUGIN_V3] * plugin_layers
+        self.num_layers = len(self.types)
+
+    def get_layer(self, i):
+        return type("FakeLayer", (), {"type": self.types[i]})()
+
+
+@pytest.fixture(scope="module")
+def bi_diffsr_onnx(bi_ref, tmp_path_factory):
+    """The reduced BI-DiffSR reference checkpoint exported as `bdm export` writes it (fused form)."""
+    import bdm
+    from bdm.export import onnx_export
+
+    path = tmp_path_factory.mktemp("bi_diffsr") / "small.onnx"
+    model = bdm.load_model(bi_ref / "ckpt_small_x4.pth", config=bi_ref / "ckpt_small_x4.yml")
+    path.write_bytes(onnx_export.to_onnx(model).SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("exported, op_type", [("bi_diffsr_onnx", "BinaryConv2d"),
+                                               ("binarydm_onnx", "MultiBasisConv")])
+def test_the_parsed_network_must_hold_one_plugin_layer_per_bdm_node(request, exported, op_type):
+    path = request.getfixturevalue(exported)
+    info = tb.onnx_model_info(path)
+    model = onnx.load(str(path), load_external_data=False)
+    # every binary layer of the real file is one bdm node, of the family's op
+    assert info.bdm_nodes == sum(n.op_type == op_type for n in model.graph.node) > 10
+    tb.check_plugin_layers(FakeTensorRT, FakeNetwork(info.bdm_nodes, 400), info.bdm_nodes, path)
+    for plugin_layers in (0, info.bdm_nodes - 1):  # function bodies expanded: all of them, or one node's
+        with pytest.raises(BdmError) as err:
+            tb.check_plugin_layers(FakeTensorRT, FakeNetwork(plugin_layers, 400), info.bdm_nodes, path)
+        assert str(err.value) == (f"TensorRT 10.16.0.72 parsed {path} into {plugin_layers} plugin layers for its "
+                                  f"{info.bdm_nodes} bdm nodes, so the engine would not run the bdm plugins; export "
+                                  "the model again with `bdm export` and build with TensorRT >= 10.7")
