@@ -266,6 +266,40 @@ def check_plugin_layers(trt, network, bdm_nodes: int, onnx_path):
                        f"with `bdm export` and build with TensorRT >= {'.'.join(map(str, MIN_TENSORRT))}")
 
 
+def attach_timing_cache(trt_config, path: Path, log=print):
+    """Load the timing cache at `path` into a builder config. A cache TensorRT cannot read, or one from another GPU
+    or TensorRT version (set_timing_cache refuses it), is left aside for an empty one, with one line; it is replaced
+    when the build saves. Returns the cache in use, or None (one line) when TensorRT gives none: the build then runs
+    without."""
+    blob = path.read_bytes() if path.is_file() else b""
+    if blob:
+        cache = trt_config.create_timing_cache(blob)
+        if cache is not None and trt_config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    cache = trt_config.create_timing_cache(b"")
+    if cache is None or not trt_config.set_timing_cache(cache, ignore_mismatch=False):
+        log("TensorRT gave no timing cache; building without one")
+        return None
+    if blob:
+        log(f"timing cache {path} was written by another GPU or TensorRT version (or is damaged); starting from an "
+            f"empty one, which replaces it after the build")
+    return cache
+
+
+def save_timing_cache(trt_config, path: Path, log=print) -> bool:
+    """Write the builder config's timing cache to `path` atomically; one line and nothing written when TensorRT
+    returns none."""
+    cache = trt_config.get_timing_cache()
+    serialized = cache.serialize() if cache is not None else None
+    if serialized is None:
+        log(f"TensorRT returned no timing cache; {path} is left as it was")
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    return True
+
+
 def gpu_identity() -> Dict[str, str]:
     """Name and compute capability of CUDA device 0 (through PyTorch, which bdm already needs)."""
     import torch
@@ -437,8 +471,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     for name, s in shapes.items():
         profile.set_shape(name, s["min"], s["opt"], s["max"])
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    attach_timing_cache(config, timing_cache, log)
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt)
 
@@ -451,9 +484,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(serialized))
     write_sidecar(engine_path, sidecar)
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(timing_cache) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_timing_cache(config, timing_cache, log)
     if use_cache:
         machine_dir.mkdir(parents=True, exist_ok=True)
         _copy_atomic(engine_path, cached_engine)

@@ -1,6 +1,7 @@
 """The parts of the TensorRT backend that need no TensorRT: the input names an engine may have, profile shapes
 (conditional and unconditional models), the engine sidecar check, the engine cache key, the plugin-library/TensorRT
-major check, the TensorRT version floor, the plugin-layer count (on real exported files, with a fake network)."""
+major check, the TensorRT version floor, the plugin-layer count (on real exported files, with a fake network), the
+timing cache (a fake builder config)."""
 
 import json
 
@@ -205,3 +206,64 @@ def test_the_parsed_network_must_hold_one_plugin_layer_per_bdm_node(request, exp
         assert str(err.value) == (f"TensorRT 10.16.0.72 parsed {path} into {plugin_layers} plugin layers for its "
                                   f"{info.bdm_nodes} bdm nodes, so the engine would not run the bdm plugins; export "
                                   "the model again with `bdm export` and build with TensorRT >= 10.7")
+
+
+class FakeTimingCache:
+    def __init__(self, blob):
+        self.blob = blob
+
+    def serialize(self):
+        return self.blob
+
+
+class FakeBuilderConfig:
+    """A fake of IBuilderConfig's timing-cache surface: create_timing_cache returns None for blobs in
+    `unreadable` (and for everything when `no_cache`), set_timing_cache refuses blobs in `foreign` (another GPU or
+    TensorRT version), get_timing_cache returns the cache set (or None)."""
+
+    def __init__(self, unreadable=(), foreign=(), no_cache=False):
+        self.unreadable, self.foreign, self.no_cache = unreadable, foreign, no_cache
+        self.cache = None
+
+    def create_timing_cache(self, blob):
+        return None if self.no_cache or blob in self.unreadable else FakeTimingCache(bytes(blob) or b"empty")
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        if cache.blob in self.foreign:
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+@pytest.mark.parametrize("stored, config, used, lines", [
+    (None, FakeBuilderConfig(), b"empty", 0),                              # first build: an empty cache
+    (b"mine", FakeBuilderConfig(), b"mine", 0),                            # the cache of this GPU and TensorRT
+    (b"other", FakeBuilderConfig(foreign=[b"other"]), b"empty", 1),        # set_timing_cache returns False
+    (b"garbage", FakeBuilderConfig(unreadable=[b"garbage"]), b"empty", 1),  # create_timing_cache returns None
+    (b"mine", FakeBuilderConfig(no_cache=True), None, 1),                  # no cache at all: build without
+])
+def test_timing_cache_falls_back_to_an_empty_one_with_a_line(tmp_path, stored, config, used, lines):
+    path = tmp_path / "timing.cache"
+    if stored is not None:
+        path.write_bytes(stored)
+    log = []
+    cache = tb.attach_timing_cache(config, path, log.append)
+    assert (cache.blob if cache else None) == used and config.cache is cache and len(log) == lines
+    if lines:
+        assert log[0] == ("TensorRT gave no timing cache; building without one" if used is None else
+                          f"timing cache {path} was written by another GPU or TensorRT version (or is damaged); "
+                          "starting from an empty one, which replaces it after the build")
+
+
+def test_timing_cache_is_saved_only_when_tensorrt_returns_one(tmp_path):
+    path = tmp_path / "cache" / "timing.cache"
+    log = []
+    assert not tb.save_timing_cache(FakeBuilderConfig(), path, log.append)
+    assert not path.exists() and log == [f"TensorRT returned no timing cache; {path} is left as it was"]
+    config = FakeBuilderConfig()
+    config.cache = FakeTimingCache(b"tuned")
+    assert tb.save_timing_cache(config, path, log.append) and path.read_bytes() == b"tuned"
