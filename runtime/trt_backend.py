@@ -300,6 +300,12 @@ def save_timing_cache(trt_config, path: Path, log=print) -> bool:
     return True
 
 
+def exact_precision(trt, trt_config):
+    """The ONNX file's precision and nothing else: TensorRT computes float32 layers in TF32 by default (10-bit
+    mantissas in the products), which a binarized network turns into flipped signs."""
+    trt_config.clear_flag(trt.BuilderFlag.TF32)
+
+
 def gpu_identity() -> Dict[str, str]:
     """Name and compute capability of CUDA device 0 (through PyTorch, which bdm already needs)."""
     import torch
@@ -406,8 +412,8 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     """`bdm build-engine`: ONNX (with bdm custom nodes; inputs x_t, cond, t or, unconditional, x_t, t) ->
     serialized engine + sidecar, both written atomically. Shapes not given: see resolve_profile.
 
-    Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set).
-    The parsed network must hold one plugin layer per bdm node (check_plugin_layers).
+    Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set), and
+    TF32 is off. The parsed network must hold one plugin layer per bdm node (check_plugin_layers).
     The timing cache is loaded and saved (default: one per GPU model and TensorRT version). An engine built
     before for the same model, plugins, profile and dtype on this GPU model and TensorRT version is reused.
     The sidecar keeps the ONNX metadata, which the runner reads as ONNX Runtime's reads the model's."""
@@ -471,6 +477,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     for name, s in shapes.items():
         profile.set_shape(name, s["min"], s["opt"], s["max"])
     config.add_optimization_profile(profile)
+    exact_precision(trt, config)
     attach_timing_cache(config, timing_cache, log)
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt)

@@ -1,7 +1,7 @@
 """The parts of the TensorRT backend that need no TensorRT: the input names an engine may have, profile shapes
 (conditional and unconditional models), the engine sidecar check, the engine cache key, the plugin-library/TensorRT
 major check, the TensorRT version floor, the plugin-layer count (on real exported files, with a fake network), the
-timing cache (a fake builder config)."""
+timing cache and precision settings (a fake builder config)."""
 
 import json
 
@@ -159,12 +159,15 @@ def test_tensorrt_before_10_7_is_refused(version, ok):
 
 
 class FakeTensorRT:
-    """A fake of the TensorRT Python module surface these checks read: its version and LayerType."""
+    """A fake of the TensorRT Python module surface these checks read: its version, LayerType and BuilderFlag."""
 
     __version__ = "10.16.0.72"
 
     class LayerType:
         PLUGIN_V3, CONVOLUTION, ELEMENTWISE = "PLUGIN_V3", "CONVOLUTION", "ELEMENTWISE"
+
+    class BuilderFlag:
+        TF32 = "TF32"
 
 
 class FakeNetwork:
@@ -217,13 +220,13 @@ class FakeTimingCache:
 
 
 class FakeBuilderConfig:
-    """A fake of IBuilderConfig's timing-cache surface: create_timing_cache returns None for blobs in
+    """A fake of IBuilderConfig's timing-cache and flag surface: create_timing_cache returns None for blobs in
     `unreadable` (and for everything when `no_cache`), set_timing_cache refuses blobs in `foreign` (another GPU or
     TensorRT version), get_timing_cache returns the cache set (or None)."""
 
     def __init__(self, unreadable=(), foreign=(), no_cache=False):
         self.unreadable, self.foreign, self.no_cache = unreadable, foreign, no_cache
-        self.cache = None
+        self.cache, self.cleared = None, []
 
     def create_timing_cache(self, blob):
         return None if self.no_cache or blob in self.unreadable else FakeTimingCache(bytes(blob) or b"empty")
@@ -237,6 +240,9 @@ class FakeBuilderConfig:
 
     def get_timing_cache(self):
         return self.cache
+
+    def clear_flag(self, flag):
+        self.cleared.append(flag)
 
 
 @pytest.mark.parametrize("stored, config, used, lines", [
@@ -267,3 +273,9 @@ def test_timing_cache_is_saved_only_when_tensorrt_returns_one(tmp_path):
     config = FakeBuilderConfig()
     config.cache = FakeTimingCache(b"tuned")
     assert tb.save_timing_cache(config, path, log.append) and path.read_bytes() == b"tuned"
+
+
+def test_float32_layers_are_not_computed_in_tf32():
+    config = FakeBuilderConfig()
+    tb.exact_precision(FakeTensorRT, config)
+    assert config.cleared == [FakeTensorRT.BuilderFlag.TF32]
