@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from collections import OrderedDict
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +43,9 @@ SIDECAR_CHECKED = ("tensorrt_version", "gpu_name", "compute_capability", "plugin
 Shape = Tuple[int, ...]
 NHW = Tuple[int, int, int]
 PROFILE_OPTIONS = ("--min-shape", "--opt-shape", "--max-shape")
+# Input shapes a TrtRunner keeps buffers, a context and a CUDA graph for (least recently used ones go first): the
+# whole-image shape and a few tile shapes of one image.
+DEFAULT_MAX_SHAPES = 4
 # A conditional (BI-DiffSR) model upscales images of any size, in tiles that fit this range.
 CONDITIONAL_PROFILE = ("1x64x64", "1x256x256", "1x512x512")
 
@@ -505,15 +509,86 @@ def _copy_atomic(src: Path, dst: Path):
         shutil.copyfile(src, tmp)
 
 
+class ShapeCache:
+    """A bounded LRU of per-input-shape state: get(key, create) returns the state of `key`, made by create() when
+    absent; past `capacity` entries the least recently used one is evicted and handed to `release`. A runner fed
+    images of many sizes thus holds at most `capacity` sets of buffers, execution contexts and CUDA graphs."""
+
+    def __init__(self, capacity: int, release):
+        if capacity < 1:
+            raise BdmError(f"max_shapes {capacity}: keep at least one input shape")
+        self.capacity, self._release, self._items = capacity, release, OrderedDict()
+
+    def get(self, key, create):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = create()  # first, so that a shape refused by create() evicts nothing
+        self._items[key] = value
+        while len(self._items) > self.capacity:
+            self._release(self._items.popitem(last=False)[1])
+        return value
+
+    def keys(self):
+        return list(self._items)
+
+    def clear(self):
+        while self._items:
+            self._release(self._items.popitem(last=False)[1])
+
+
+class CaptureFailed(Exception):
+    """A CUDA graph capture that did not complete (the reason is the message)."""
+
+
+class GraphedExecution:
+    """How one input shape runs, in trtexec's and NVIDIA's diffusion demo's order: the first call enqueues eagerly
+    (TensorRT finishes its lazy set-up for the shape) and then, with `capture` given, captures the same enqueue into
+    a CUDA graph; later calls replay the graph. A capture that fails leaves this shape eager, with one line.
+
+    enqueue() runs the work (raises on failure); capture(enqueue) returns a graph with replay(), or raises
+    CaptureFailed."""
+
+    def __init__(self, enqueue, capture=None, warn=None, label="this input shape"):
+        self._enqueue, self._capture, self._label = enqueue, capture, label
+        self._warn = warn or (lambda line: print(line, file=sys.stderr))
+        self.graph = None
+
+    def run(self) -> str:
+        """'replay', 'eager' or 'eager+capture' (what this call did)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return "replay"
+        self._enqueue()
+        if self._capture is None:
+            return "eager"
+        capture, self._capture = self._capture, None  # one try per shape
+        try:
+            self.graph = capture(self._enqueue)
+        except CaptureFailed as e:
+            self._warn(f"bdm: CUDA graph capture failed for {self._label} ({e}); running it without a graph")
+            return "eager"
+        return "eager+capture"
+
+
+class _ShapeState(NamedTuple):
+    context: object      # trt.IExecutionContext with this shape and these buffers set
+    buffers: Dict[str, object]  # name -> torch CUDA tensor
+    execution: GraphedExecution
+
+
 class TrtRunner(Runner):
-    """A bdm engine in TensorRT: plugin library loaded, sidecar checked against this machine, one set of
-    device buffers per input shape, `execute_async_v3` on a private stream, and (by default) a CUDA graph per
-    shape captured on the second call with that shape and replayed afterwards.
+    """A bdm engine in TensorRT: plugin library loaded, sidecar checked against this machine, `execute_async_v3` on a
+    private stream. Per input shape (ShapeCache, at most `max_shapes` of them): its own execution context (shapes
+    and tensor addresses set once; all contexts share one device scratch buffer, as they run one after the other on
+    the stream), device buffers, and (by default) a CUDA graph captured right after the shape's first, eager call
+    (GraphedExecution). close() or a `with` block frees all of it.
 
     infer() takes numpy arrays or torch CUDA tensors and returns eps as a torch CUDA tensor; to_device/to_host
     let the sampler keep its state on the GPU between steps."""
 
-    def __init__(self, engine_path, plugins=None, onnx_path=None, cuda_graphs: bool = True):
+    def __init__(self, engine_path, plugins=None, onnx_path=None, cuda_graphs: bool = True,
+                 max_shapes: int = DEFAULT_MAX_SHAPES):
         import torch
 
         trt = import_tensorrt()
@@ -530,10 +605,8 @@ class TrtRunner(Runner):
         self.runtime = trt.Runtime(self._logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
-            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
-            raise BdmError(f"TensorRT could not deserialize {engine_path}: {reason}; rebuild it with "
+            raise BdmError(f"TensorRT could not deserialize {engine_path}: {self._last_error()}; rebuild it with "
                            f"`bdm build-engine`")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_names = model_input_names(
@@ -547,7 +620,10 @@ class TrtRunner(Runner):
                              min_hw=(int(lo[2]), int(lo[3])), max_hw=(int(hi[2]), int(hi[3])))
         self.stream = torch.cuda.Stream()
         self.cuda_graphs = cuda_graphs
-        self._bound = {}  # input shapes -> {"buffers": {name: tensor}, "calls": int, "graph": CUDAGraph | None}
+        # One device scratch buffer, the largest any shape of the profile needs, for every context.
+        scratch_bytes = int(self.engine.device_memory_size_v2)
+        self._scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device="cuda")
+        self._shapes = ShapeCache(max_shapes, self._release)
         self.name = f"TensorRT {trt.__version__} ({gpu['gpu_name']})"
         self.path = engine_path
 
@@ -560,30 +636,40 @@ class TrtRunner(Runner):
     def to_host(self, array) -> np.ndarray:
         return array.float().cpu().numpy() if hasattr(array, "cpu") else np.asarray(array)
 
-    def _binding(self, shapes: Dict[str, Shape]):
-        key = tuple(shapes[n] for n in self.input_names)
-        bound = self._bound.get(key)
-        if bound is None:
-            torch = self.torch
-            for name in self.input_names:
-                if not self.context.set_input_shape(name, shapes[name]):
-                    raise BdmError(f"input {name} of shape {list(shapes[name])} is outside the engine's profile "
-                                   f"(H, W from {self.limits.min_hw} to {self.limits.max_hw}, batch up to "
-                                   f"{self.limits.max_batch}); rebuild with a larger --max-shape or use tiling")
-            buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.input_names}
-            for name in self.outputs:
-                buffers[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
-                                            device="cuda")
-            bound = {"buffers": buffers, "calls": 0, "graph": None}
-            self._bound[key] = bound
-        # The context holds one set of shapes and addresses: bind this shape's on every call.
+    def _last_error(self) -> str:
+        return self._logger.errors[-1] if self._logger.errors else "no reason given"
+
+    def _new_state(self, shapes: Dict[str, Shape]) -> _ShapeState:
+        torch, trt = self.torch, self.trt
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BdmError(f"TensorRT could not create an execution context for {self.path}: {self._last_error()}")
+        context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
         for name in self.input_names:
-            self.context.set_input_shape(name, tuple(bound["buffers"][name].shape))
-        for name, tensor in bound["buffers"].items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        return bound
+            if not context.set_input_shape(name, shapes[name]):
+                raise BdmError(f"input {name} of shape {list(shapes[name])} is outside the engine's profile "
+                               f"(H, W from {self.limits.min_hw} to {self.limits.max_hw}, batch up to "
+                               f"{self.limits.max_batch}); rebuild with a larger --max-shape or use tiling")
+        buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.input_names}
+        for name in self.outputs:
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+        for name, tensor in buffers.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        label = "input shape " + ", ".join(f"{n} {list(shapes[n])}" for n in self.input_names)
+        execution = GraphedExecution(lambda: self._enqueue(context), self._capture if self.cuda_graphs else None,
+                                     label=label)
+        return _ShapeState(context, buffers, execution)
+
+    def _release(self, state: _ShapeState):
+        """Drop an evicted shape's graph, buffers and context, once the stream no longer uses them."""
+        self.stream.synchronize()
+        if state.execution.graph is not None:
+            state.execution.graph.reset()
+        state.buffers.clear()
 
     def infer(self, feed: dict) -> dict:
+        if self._shapes is None:
+            raise BdmError(f"{self.describe()} is closed")
         torch = self.torch
         batch = feed["x_t"].shape[0]
         arrays = {}
@@ -592,33 +678,38 @@ class TrtRunner(Runner):
             if name == "t" and value.shape[0] != batch:
                 value = value.expand(batch)
             arrays[name] = value
-        bound = self._binding({n: tuple(arrays[n].shape) for n in self.input_names})
+        shapes = {n: tuple(arrays[n].shape) for n in self.input_names}
+        state = self._shapes.get(tuple(shapes[n] for n in self.input_names), lambda: self._new_state(shapes))
         self.stream.wait_stream(torch.cuda.current_stream())  # the inputs may still be in flight there
         with torch.cuda.stream(self.stream):
             for name in self.input_names:
-                bound["buffers"][name].copy_(arrays[name], non_blocking=True)
-            self._execute(bound)
+                state.buffers[name].copy_(arrays[name], non_blocking=True)
+            state.execution.run()
             # a copy: the output buffer is overwritten by the next call (and by graph replays)
-            eps = bound["buffers"][OUTPUT_NAME].to(torch.float32, copy=True)
+            eps = state.buffers[OUTPUT_NAME].to(torch.float32, copy=True)
         torch.cuda.current_stream().wait_stream(self.stream)
         return {OUTPUT_NAME: eps}
 
-    def _execute(self, bound):
-        """First call per shape eager (TensorRT finishes lazy set-up), second call captured, later replayed."""
-        bound["calls"] += 1
-        if bound["graph"] is not None:
-            bound["graph"].replay()
-            return
-        if self.cuda_graphs and bound["calls"] == 2:
-            graph = self.torch.cuda.CUDAGraph()
-            with self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self._enqueue()
-            bound["graph"] = graph
-            graph.replay()
-            return
-        self._enqueue()
+    def _enqueue(self, context):
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise BdmError(f"TensorRT execution failed: {self._last_error()}")
 
-    def _enqueue(self):
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
-            raise BdmError(f"TensorRT execution failed: {reason}")
+    def _capture(self, enqueue):
+        """A CUDA graph of enqueue() on the runner's stream (CaptureFailed when TensorRT or CUDA refuses)."""
+        torch = self.torch
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                enqueue()
+        except (RuntimeError, BdmError) as e:
+            raise CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        return graph
+
+    def close(self):
+        """Free the graphs, buffers, contexts, scratch memory and engine (idempotent; infer() refuses afterwards)."""
+        if self._shapes is None:
+            return
+        self.stream.synchronize()
+        self._shapes.clear()
+        self._shapes = None
+        self._scratch = self.engine = self.runtime = None
