@@ -624,6 +624,7 @@ class TrtRunner(Runner):
         scratch_bytes = int(self.engine.device_memory_size_v2)
         self._scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device="cuda")
         self._shapes = ShapeCache(max_shapes, self._release)
+        self.last_execution = None  # what the last infer() did: GraphedExecution.run's answer
         self.name = f"TensorRT {trt.__version__} ({gpu['gpu_name']})"
         self.path = engine_path
 
@@ -684,7 +685,7 @@ class TrtRunner(Runner):
         with torch.cuda.stream(self.stream):
             for name in self.input_names:
                 state.buffers[name].copy_(arrays[name], non_blocking=True)
-            state.execution.run()
+            self.last_execution = state.execution.run()
             # a copy: the output buffer is overwritten by the next call (and by graph replays)
             eps = state.buffers[OUTPUT_NAME].to(torch.float32, copy=True)
         torch.cuda.current_stream().wait_stream(self.stream)
