@@ -364,11 +364,12 @@ def main(argv=None) -> int:
         return 2
     name, capability = gpu
     include = args.tensorrt_include if args.tensorrt_include is not None else plugin_build.find_tensorrt_include()
+    include = str(Path(include).resolve()) if include else None  # the steps run in the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     results = [Result("GPU", "ok", 0.0, f"{name}, compute capability {capability[0]}.{capability[1]}")]
     print(format_row(results[0]), flush=True)
     with open(args.out / "gpu_check.log", "w") as log:
-        for step in plan(WORK_DIR, capability, include or None, tensorrt_installed()):
+        for step in plan(WORK_DIR, capability, include, tensorrt_installed()):
             results.append(run_step(step, deadline, log))
             print(format_row(results[-1]), flush=True)
     table = format_table(results)

@@ -132,3 +132,19 @@ def test_the_engine_check_model_is_exact_in_the_kernels_host_path(check, kernels
             value = kernels.multibasis_conv(value, *inputs.values(), library=str(kernels_library),
                                             **layer["attributes"])
     assert gpu_check.same_bits(value, gpu_check.reference_output(layers, feed["x_t"], feed["t"]))
+
+
+def test_main_prints_a_row_per_step_then_the_table_and_writes_it(monkeypatch, tmp_path, capsys):
+    """The whole command with the GPU query and the plan replaced (a named stand-in GPU, two quick steps)."""
+    monkeypatch.setattr(gpu_check, "gpu_capability", lambda: ("Stand-in GPU", (9, 0)))
+    monkeypatch.setattr(gpu_check, "plan", lambda work, capability, include, installed: [
+        python_step("quick", "print('key: 1.00x')", key=gpu_check.last_key_line),
+        python_step("broken", "raise SystemExit('bench_kernels: error: no library')")])
+    assert gpu_check.main(["--out", str(tmp_path), "--tensorrt-include", ""]) == 1
+    out = capsys.readouterr().out
+    rows = [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["GPU"], ["quick"], ["broken"])]
+    assert rows == [["GPU", "ok"], ["quick", "ok"], ["broken", "FAIL"]] * 2  # as each ends, then in the table
+    assert "Stand-in GPU, compute capability 9.0" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "gpu_check_summary.json",
+                                                          "gpu_check_summary.txt"]
+    assert "bench_kernels: error: no library" in (tmp_path / "gpu_check_summary.txt").read_text()
