@@ -28,7 +28,7 @@ extern "C" int bdm_conv_algo_choice(int algo, int fits, int cc_major, int cc_min
     switch (algo)
     {
     case BDM_CONV_SIMPLE: return BDM_CONV_SIMPLE;
-    case BDM_CONV_TENSOR_CORE: return bmma ? BDM_CONV_TENSOR_CORE : BDM_UNSUPPORTED_DEVICE;
+    case BDM_CONV_TENSOR_CORE: return bmma ? static_cast<int>(BDM_CONV_TENSOR_CORE) : BDM_UNSUPPORTED_DEVICE;
     case BDM_CONV_AUTO: return fits && nativeBmma ? BDM_CONV_TENSOR_CORE : BDM_CONV_SIMPLE;
     default: return BDM_INVALID_ARGUMENT;
     }
