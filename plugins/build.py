@@ -10,6 +10,7 @@ build/plugins under the repository root (or $BDM_PLUGINS_BUILD_DIR).
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,20 @@ def find_kernels_library(build_dir: Optional[Path] = None) -> Optional[Path]:
 
 def find_plugins_library(build_dir: Optional[Path] = None) -> Optional[Path]:
     return find_library(PLUGINS_LIB, "BDM_PLUGINS_LIB", build_dir)
+
+
+# Where CMakeLists.txt looks for NvInferRuntime.h when no location is given.
+SYSTEM_TENSORRT_INCLUDES = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu",
+                            "/usr/local/TensorRT/include", "/opt/tensorrt/include")
+
+
+def find_tensorrt_include() -> Optional[str]:
+    """The TensorRT include folder a build would use: the environment's (tensorrt_include_from_environment; the first
+    of several ':'-separated ones), else the first system folder CMakeLists.txt searches; None when none holds
+    NvInferRuntime.h."""
+    named = tensorrt_include_from_environment()
+    candidates = named.split(os.pathsep) if named else list(SYSTEM_TENSORRT_INCLUDES)
+    return next((d for d in candidates if (Path(d) / "NvInferRuntime.h").is_file()), None)
 
 
 def tensorrt_include_from_environment() -> Optional[str]:
@@ -114,7 +129,12 @@ def build(build_dir: Optional[Path] = None, tensorrt_include: Optional[str] = No
 def _run(cmd, env, what) -> str:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        output = proc.stdout + proc.stderr
+        # CMakeLists.txt's own refusals are one `bdm: ...` message, which CMake wraps over indented lines.
+        ours = re.search(r"^CMake Error at [^\n]*\n((?:  .*\n?)+)", output, re.MULTILINE)
+        if ours and ours.group(1).strip().startswith("bdm:"):
+            raise BdmError(" ".join(ours.group(1).split())[len("bdm: "):])
+        tail = "\n".join(output.strip().splitlines()[-25:])
         raise BdmError(f"CMake {what} of plugins/ failed (exit {proc.returncode}): {tail}")
     return proc.stdout + proc.stderr
 
@@ -124,9 +144,10 @@ def main(argv=None):
     parser.add_argument("build_dir", nargs="?", type=Path, default=None)
     parser.add_argument("--tensorrt-include", default=None, help="TensorRT include folder ('' to skip the adapter)")
     parser.add_argument("--cuda-architectures", default=None, help="override, e.g. '90-real' for a quick local build")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
     args = parser.parse_args(argv)
     try:
-        result = build(args.build_dir, args.tensorrt_include, args.cuda_architectures)
+        result = build(args.build_dir, args.tensorrt_include, args.cuda_architectures, args.jobs)
     except BdmError as e:
         print(f"bdm: error: {e}", file=sys.stderr)
         return 2

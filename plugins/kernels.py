@@ -82,6 +82,8 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     lib.bdm_multibasis_conv_host.restype = ctypes.c_int
     lib.bdm_status_string.argtypes = [ctypes.c_int]
     lib.bdm_status_string.restype = ctypes.c_char_p
+    lib.bdm_conv_algo_choice.argtypes = [ctypes.c_int] * 4
+    lib.bdm_conv_algo_choice.restype = ctypes.c_int
     return lib
 
 
@@ -131,6 +133,16 @@ def _algo(algo):
     if algo not in ALGOS:
         raise BdmError(f"algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     return ALGOS[algo]
+
+
+def conv_algo_choice(algo: str, fits: bool, capability, library=None) -> str:
+    """The kernel ("simple" or "tensor_core") that `algo` runs on a GPU of compute capability (major, minor) for a
+    shape that fills the tensor-core tiles (`fits`) or not; BdmError where it cannot run (the C ABI's choice, with no
+    GPU needed)."""
+    lib = load(library)
+    chosen = lib.bdm_conv_algo_choice(_algo(algo), int(fits), *capability)
+    _check(lib, min(chosen, 0), f"algo {algo} on compute capability {capability[0]}.{capability[1]}")
+    return next(name for name, value in ALGOS.items() if value == chosen)
 
 
 def _stream():

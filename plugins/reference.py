@@ -93,7 +93,8 @@ OPS = {"BinaryConv2d": binary_conv2d, "BinarySignConv2d": binary_sign_conv2d, "T
 
 
 def complete_attributes(op_type: str, attributes: Dict[str, int]) -> Dict[str, int]:
-    """`attributes` with the spec's defaults filled in; unknown, missing or disallowed values raise ValueError."""
+    """`attributes` with the spec's defaults filled in; unknown, missing, disallowed or too large values raise
+    ValueError."""
     declared = spec.op(op_type)["attributes"]
     unknown = sorted(set(attributes) - set(declared))
     if unknown:
@@ -106,6 +107,9 @@ def complete_attributes(op_type: str, attributes: Dict[str, int]) -> Dict[str, i
         allowed = declared[name].get("allowed")
         if allowed is not None and value not in allowed:
             raise ValueError(f"{op_type}.{name} = {value} is not one of {allowed}")
+        maximum = declared[name].get("maximum")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{op_type}.{name} = {value} is above {maximum} ({declared[name].get('doc')})")
     return complete
 
 

@@ -58,7 +58,8 @@ def host_memory_budget() -> int:
 
 
 class Runner:
-    """Base class: host (numpy) arrays, no shape limits. Subclasses implement `infer`."""
+    """Base class: host (numpy) arrays, no shape limits. Subclasses implement `infer`, and `close` where they hold
+    device memory (a runner is also a context manager that closes it)."""
 
     name = "runner"
     limits = Limits()
@@ -75,6 +76,15 @@ class Runner:
 
     def infer(self, feed: dict) -> dict:
         raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 def model_input_names(inputs, outputs, what: str, fix: str) -> Tuple[str, ...]:

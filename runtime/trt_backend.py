@@ -21,7 +21,8 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,12 +32,18 @@ from bdm.files import atomic_path, file_sha256
 from bdm.runtime.backends import Limits, Runner, model_input_names
 from bdm.runtime.generate import GenerateSettings
 
+# TensorRT's ONNX parser prefers a registered plugin over a node's model-local function from 10.7 on (its changelog,
+# 10.7.0); 10.0 to 10.6 always expand the function body, so an engine would hold no bdm plugin.
+MIN_TENSORRT = (10, 7)
 INSTALL_TENSORRT = ("TensorRT is not installed: on a machine with an NVIDIA GPU and driver, "
-                    "`pip install 'bdm[tensorrt]'` (the tensorrt wheel, 10.x or 11.x)")
+                    "`pip install 'bdm[tensorrt]'` (the tensorrt wheel, 10.7 or newer)")
 
 Shape = Tuple[int, ...]
 NHW = Tuple[int, int, int]
 PROFILE_OPTIONS = ("--min-shape", "--opt-shape", "--max-shape")
+# Input shapes a TrtRunner keeps buffers, a context and a CUDA graph for (least recently used ones go first): the
+# whole-image shape and a few tile shapes of one image.
+DEFAULT_MAX_SHAPES = 4
 # A conditional (BI-DiffSR) model upscales images of any size, in tiles that fit this range.
 CONDITIONAL_PROFILE = ("1x64x64", "1x256x256", "1x512x512")
 
@@ -91,8 +98,14 @@ def recorded_image_size(metadata: Dict[str, str]) -> Optional[int]:
     return int(json.loads(sampling)["image_size"]) if sampling else None
 
 
-def onnx_model_info(onnx_path) -> Tuple[Tuple[str, ...], Dict[str, str]]:
-    """(bdm input names, metadata) of an exported ONNX file, read without TensorRT."""
+class OnnxModelInfo(NamedTuple):
+    input_names: Tuple[str, ...]  # the bdm inputs (backends.model_input_names)
+    metadata: Dict[str, str]      # what `bdm export` recorded
+    bdm_nodes: int                # nodes of the bdm domain: the plugin layers an engine must hold
+
+
+def onnx_model_info(onnx_path) -> OnnxModelInfo:
+    """What build_engine needs of an exported ONNX file, read without TensorRT."""
     import onnx
 
     try:
@@ -104,7 +117,14 @@ def onnx_model_info(onnx_path) -> Tuple[Tuple[str, ...], Dict[str, str]]:
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
     names = model_input_names(inputs, [o.name for o in model.graph.output], str(onnx_path),
                               "export it with `bdm export`")
-    return names, {p.key: p.value for p in model.metadata_props}
+    return OnnxModelInfo(names, {p.key: p.value for p in model.metadata_props}, bdm_node_count(model))
+
+
+def bdm_node_count(model) -> int:
+    """The graph's nodes of the bdm domain (each one should become one plugin layer in TensorRT)."""
+    from bdm.plugins import spec
+
+    return sum(1 for node in model.graph.node if node.domain == spec.common()["domain"])
 
 
 def input_shape_for(name: str, dims: Sequence[int], nhw: Tuple[int, int, int]) -> Shape:
@@ -211,11 +231,73 @@ def machine_cache_dir(gpu_name: str, tensorrt_version: str) -> Path:
 # ---- TensorRT ----------------------------------------------------------------------------------------------
 
 def import_tensorrt():
+    """The tensorrt module, 10.7 or newer (check_tensorrt_version)."""
     try:
         import tensorrt
     except ImportError:
         raise BdmError(INSTALL_TENSORRT) from None
+    check_tensorrt_version(tensorrt.__version__)
     return tensorrt
+
+
+def check_tensorrt_version(version: str):
+    """BdmError unless `version` is MIN_TENSORRT or newer."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if numbers < MIN_TENSORRT:
+        least = ".".join(map(str, MIN_TENSORRT))
+        raise BdmError(f"TensorRT {version} is installed; bdm needs {least} or newer, whose ONNX parser uses the bdm "
+                       f"plugins (older ones run the nodes' function bodies instead): pip install 'tensorrt>={least}'")
+
+
+def check_plugin_layers(trt, network, bdm_nodes: int, onnx_path):
+    """Before building: one plugin layer per bdm node of the file, else the parser ran function bodies instead of
+    the bdm plugins (TensorRT older than 10.7, or nodes without the plugin_namespace attribute)."""
+    plugin_layers = sum(1 for i in range(network.num_layers)
+                        if network.get_layer(i).type == trt.LayerType.PLUGIN_V3)
+    if plugin_layers != bdm_nodes:
+        raise BdmError(f"TensorRT {trt.__version__} parsed {onnx_path} into {plugin_layers} plugin layers for its "
+                       f"{bdm_nodes} bdm nodes, so the engine would not run the bdm plugins; export the model again "
+                       f"with `bdm export` and build with TensorRT >= {'.'.join(map(str, MIN_TENSORRT))}")
+
+
+def attach_timing_cache(trt_config, path: Path, log=print):
+    """Load the timing cache at `path` into a builder config. A cache TensorRT cannot read, or one from another GPU
+    or TensorRT version (set_timing_cache refuses it), is left aside for an empty one, with one line; it is replaced
+    when the build saves. Returns the cache in use, or None (one line) when TensorRT gives none: the build then runs
+    without."""
+    blob = path.read_bytes() if path.is_file() else b""
+    if blob:
+        cache = trt_config.create_timing_cache(blob)
+        if cache is not None and trt_config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    cache = trt_config.create_timing_cache(b"")
+    if cache is None or not trt_config.set_timing_cache(cache, ignore_mismatch=False):
+        log("TensorRT gave no timing cache; building without one")
+        return None
+    if blob:
+        log(f"timing cache {path} was written by another GPU or TensorRT version (or is damaged); starting from an "
+            f"empty one, which replaces it after the build")
+    return cache
+
+
+def save_timing_cache(trt_config, path: Path, log=print) -> bool:
+    """Write the builder config's timing cache to `path` atomically; one line and nothing written when TensorRT
+    returns none."""
+    cache = trt_config.get_timing_cache()
+    serialized = cache.serialize() if cache is not None else None
+    if serialized is None:
+        log(f"TensorRT returned no timing cache; {path} is left as it was")
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    return True
+
+
+def exact_precision(trt, trt_config):
+    """The ONNX file's precision and nothing else: TensorRT computes float32 layers in TF32 by default (10-bit
+    mantissas in the products), which a binarized network turns into flipped signs."""
+    trt_config.clear_flag(trt.BuilderFlag.TF32)
 
 
 def gpu_identity() -> Dict[str, str]:
@@ -241,11 +323,19 @@ def resolve_plugins(plugins) -> Path:
     return path
 
 
+def registered_bdm_creators(registry) -> list:
+    """'bdm::Name vN' of every bdm creator in a TensorRT plugin registry."""
+    return sorted(f"{c.plugin_namespace}::{c.name} v{c.plugin_version}" for c in registry.all_creators
+                  if getattr(c, "plugin_namespace", None) == "bdm")
+
+
 def load_plugins(trt, plugin_library: Path):
-    """Register the bdm creators through IPluginRegistry::loadLibrary (getCreators); the library withdraws its
-    own load-time self-registration first, so this works whether or not it was loaded before."""
+    """Register the bdm creators through IPluginRegistry::loadLibrary (getCreators), once per process: loadLibrary
+    fails when a creator is already registered, so a process that loaded the library before keeps those."""
     check_plugin_major(plugin_library, trt.__version__)
     registry = trt.get_plugin_registry()
+    if registered_bdm_creators(registry):
+        return None
     try:
         handle = registry.load_library(str(plugin_library))
     except Exception as e:  # the bindings raise on failure in some versions, return None in others
@@ -253,9 +343,6 @@ def load_plugins(trt, plugin_library: Path):
     else:
         error = None
     if handle is None:
-        namespaces = {c.plugin_namespace for c in registry.all_creators} if hasattr(registry, "all_creators") else set()
-        if "bdm" in namespaces:
-            return None  # already registered in this process (an earlier load of the same library)
         raise BdmError(f"TensorRT {trt.__version__} could not load {plugin_library}"
                        f"{f' ({error})' if error else ''}; rebuild it against this TensorRT's headers with "
                        f"`python -m bdm.plugins.build`")
@@ -319,7 +406,8 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     """`bdm build-engine`: ONNX (with bdm custom nodes; inputs x_t, cond, t or, unconditional, x_t, t) ->
     serialized engine + sidecar, both written atomically. Shapes not given: see resolve_profile.
 
-    Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set).
+    Strongly typed: the precision is the ONNX file's (TensorRT 11 has no other mode; on 10 the flag is set), and
+    TF32 is off. The parsed network must hold one plugin layer per bdm node (check_plugin_layers).
     The timing cache is loaded and saved (default: one per GPU model and TensorRT version). An engine built
     before for the same model, plugins, profile and dtype on this GPU model and TensorRT version is reused.
     The sidecar keeps the ONNX metadata, which the runner reads as ONNX Runtime's reads the model's."""
@@ -329,7 +417,8 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
         raise BdmError(f"{onnx_path}: no such ONNX file; export one with `bdm export`")
     if workspace_mb < 1:
         raise BdmError(f"--workspace {workspace_mb}: give the builder workspace in MB (>= 1)")
-    _, metadata = onnx_model_info(onnx_path)
+    info = onnx_model_info(onnx_path)
+    metadata = info.metadata
     min_nhw, opt_nhw, max_nhw = resolve_profile((min_shape, opt_shape, max_shape), recorded_image_size(metadata))
     trt = import_tensorrt()
     gpu = gpu_identity()
@@ -361,6 +450,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BdmError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else 'unknown error'}"
                        f"{' (is the plugin library the one built for this model?)' if 'plugin' in str(errors).lower() else ''}")
+    check_plugin_layers(trt, network, info.bdm_nodes, onnx_path)
     dims = onnx_input_dims(trt, network)
     shapes = profile_shapes(dims, min_nhw, opt_nhw, max_nhw)
     sidecar["input_shapes"] = {name: {k: list(v) for k, v in s.items()} for name, s in shapes.items()}
@@ -381,8 +471,8 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     for name, s in shapes.items():
         profile.set_shape(name, s["min"], s["opt"], s["max"])
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    exact_precision(trt, config)
+    attach_timing_cache(config, timing_cache, log)
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt)
 
@@ -395,9 +485,7 @@ def build_engine(onnx_path, engine_path, plugins=None, min_shape=None, opt_shape
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(serialized))
     write_sidecar(engine_path, sidecar)
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(timing_cache) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_timing_cache(config, timing_cache, log)
     if use_cache:
         machine_dir.mkdir(parents=True, exist_ok=True)
         _copy_atomic(engine_path, cached_engine)
@@ -411,15 +499,86 @@ def _copy_atomic(src: Path, dst: Path):
         shutil.copyfile(src, tmp)
 
 
+class ShapeCache:
+    """A bounded LRU of per-input-shape state: get(key, create) returns the state of `key`, made by create() when
+    absent; past `capacity` entries the least recently used one is evicted and handed to `release`. A runner fed
+    images of many sizes thus holds at most `capacity` sets of buffers, execution contexts and CUDA graphs."""
+
+    def __init__(self, capacity: int, release):
+        if capacity < 1:
+            raise BdmError(f"max_shapes {capacity}: keep at least one input shape")
+        self.capacity, self._release, self._items = capacity, release, OrderedDict()
+
+    def get(self, key, create):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = create()  # first, so that a shape refused by create() evicts nothing
+        self._items[key] = value
+        while len(self._items) > self.capacity:
+            self._release(self._items.popitem(last=False)[1])
+        return value
+
+    def keys(self):
+        return list(self._items)
+
+    def clear(self):
+        while self._items:
+            self._release(self._items.popitem(last=False)[1])
+
+
+class CaptureFailed(Exception):
+    """A CUDA graph capture that did not complete (the reason is the message)."""
+
+
+class GraphedExecution:
+    """How one input shape runs, in trtexec's and NVIDIA's diffusion demo's order: the first call enqueues eagerly
+    (TensorRT finishes its lazy set-up for the shape) and then, with `capture` given, captures the same enqueue into
+    a CUDA graph; later calls replay the graph. A capture that fails leaves this shape eager, with one line.
+
+    enqueue() runs the work (raises on failure); capture(enqueue) returns a graph with replay(), or raises
+    CaptureFailed."""
+
+    def __init__(self, enqueue, capture=None, warn=None, label="this input shape"):
+        self._enqueue, self._capture, self._label = enqueue, capture, label
+        self._warn = warn or (lambda line: print(line, file=sys.stderr))
+        self.graph = None
+
+    def run(self) -> str:
+        """'replay', 'eager' or 'eager+capture' (what this call did)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return "replay"
+        self._enqueue()
+        if self._capture is None:
+            return "eager"
+        capture, self._capture = self._capture, None  # one try per shape
+        try:
+            self.graph = capture(self._enqueue)
+        except CaptureFailed as e:
+            self._warn(f"bdm: CUDA graph capture failed for {self._label} ({e}); running it without a graph")
+            return "eager"
+        return "eager+capture"
+
+
+class _ShapeState(NamedTuple):
+    context: object      # trt.IExecutionContext with this shape and these buffers set
+    buffers: Dict[str, object]  # name -> torch CUDA tensor
+    execution: GraphedExecution
+
+
 class TrtRunner(Runner):
-    """A bdm engine in TensorRT: plugin library loaded, sidecar checked against this machine, one set of
-    device buffers per input shape, `execute_async_v3` on a private stream, and (by default) a CUDA graph per
-    shape captured on the second call with that shape and replayed afterwards.
+    """A bdm engine in TensorRT: plugin library loaded, sidecar checked against this machine, `execute_async_v3` on a
+    private stream. Per input shape (ShapeCache, at most `max_shapes` of them): its own execution context (shapes
+    and tensor addresses set once; all contexts share one device scratch buffer, as they run one after the other on
+    the stream), device buffers, and (by default) a CUDA graph captured right after the shape's first, eager call
+    (GraphedExecution). close() or a `with` block frees all of it.
 
     infer() takes numpy arrays or torch CUDA tensors and returns eps as a torch CUDA tensor; to_device/to_host
     let the sampler keep its state on the GPU between steps."""
 
-    def __init__(self, engine_path, plugins=None, onnx_path=None, cuda_graphs: bool = True):
+    def __init__(self, engine_path, plugins=None, onnx_path=None, cuda_graphs: bool = True,
+                 max_shapes: int = DEFAULT_MAX_SHAPES):
         import torch
 
         trt = import_tensorrt()
@@ -436,10 +595,8 @@ class TrtRunner(Runner):
         self.runtime = trt.Runtime(self._logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
-            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
-            raise BdmError(f"TensorRT could not deserialize {engine_path}: {reason}; rebuild it with "
+            raise BdmError(f"TensorRT could not deserialize {engine_path}: {self._last_error()}; rebuild it with "
                            f"`bdm build-engine`")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_names = model_input_names(
@@ -453,7 +610,11 @@ class TrtRunner(Runner):
                              min_hw=(int(lo[2]), int(lo[3])), max_hw=(int(hi[2]), int(hi[3])))
         self.stream = torch.cuda.Stream()
         self.cuda_graphs = cuda_graphs
-        self._bound = {}  # input shapes -> {"buffers": {name: tensor}, "calls": int, "graph": CUDAGraph | None}
+        # One device scratch buffer, the largest any shape of the profile needs, for every context.
+        scratch_bytes = int(self.engine.device_memory_size_v2)
+        self._scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device="cuda")
+        self._shapes = ShapeCache(max_shapes, self._release)
+        self.last_execution = None  # what the last infer() did: GraphedExecution.run's answer
         self.name = f"TensorRT {trt.__version__} ({gpu['gpu_name']})"
         self.path = engine_path
 
@@ -466,30 +627,40 @@ class TrtRunner(Runner):
     def to_host(self, array) -> np.ndarray:
         return array.float().cpu().numpy() if hasattr(array, "cpu") else np.asarray(array)
 
-    def _binding(self, shapes: Dict[str, Shape]):
-        key = tuple(shapes[n] for n in self.input_names)
-        bound = self._bound.get(key)
-        if bound is None:
-            torch = self.torch
-            for name in self.input_names:
-                if not self.context.set_input_shape(name, shapes[name]):
-                    raise BdmError(f"input {name} of shape {list(shapes[name])} is outside the engine's profile "
-                                   f"(H, W from {self.limits.min_hw} to {self.limits.max_hw}, batch up to "
-                                   f"{self.limits.max_batch}); rebuild with a larger --max-shape or use tiling")
-            buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.input_names}
-            for name in self.outputs:
-                buffers[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
-                                            device="cuda")
-            bound = {"buffers": buffers, "calls": 0, "graph": None}
-            self._bound[key] = bound
-        # The context holds one set of shapes and addresses: bind this shape's on every call.
+    def _last_error(self) -> str:
+        return self._logger.errors[-1] if self._logger.errors else "no reason given"
+
+    def _new_state(self, shapes: Dict[str, Shape]) -> _ShapeState:
+        torch, trt = self.torch, self.trt
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BdmError(f"TensorRT could not create an execution context for {self.path}: {self._last_error()}")
+        context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
         for name in self.input_names:
-            self.context.set_input_shape(name, tuple(bound["buffers"][name].shape))
-        for name, tensor in bound["buffers"].items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        return bound
+            if not context.set_input_shape(name, shapes[name]):
+                raise BdmError(f"input {name} of shape {list(shapes[name])} is outside the engine's profile "
+                               f"(H, W from {self.limits.min_hw} to {self.limits.max_hw}, batch up to "
+                               f"{self.limits.max_batch}); rebuild with a larger --max-shape or use tiling")
+        buffers = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device="cuda") for n in self.input_names}
+        for name in self.outputs:
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+        for name, tensor in buffers.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        label = "input shape " + ", ".join(f"{n} {list(shapes[n])}" for n in self.input_names)
+        execution = GraphedExecution(lambda: self._enqueue(context), self._capture if self.cuda_graphs else None,
+                                     label=label)
+        return _ShapeState(context, buffers, execution)
+
+    def _release(self, state: _ShapeState):
+        """Drop an evicted shape's graph, buffers and context, once the stream no longer uses them."""
+        self.stream.synchronize()
+        if state.execution.graph is not None:
+            state.execution.graph.reset()
+        state.buffers.clear()
 
     def infer(self, feed: dict) -> dict:
+        if self._shapes is None:
+            raise BdmError(f"{self.describe()} is closed")
         torch = self.torch
         batch = feed["x_t"].shape[0]
         arrays = {}
@@ -498,33 +669,38 @@ class TrtRunner(Runner):
             if name == "t" and value.shape[0] != batch:
                 value = value.expand(batch)
             arrays[name] = value
-        bound = self._binding({n: tuple(arrays[n].shape) for n in self.input_names})
+        shapes = {n: tuple(arrays[n].shape) for n in self.input_names}
+        state = self._shapes.get(tuple(shapes[n] for n in self.input_names), lambda: self._new_state(shapes))
         self.stream.wait_stream(torch.cuda.current_stream())  # the inputs may still be in flight there
         with torch.cuda.stream(self.stream):
             for name in self.input_names:
-                bound["buffers"][name].copy_(arrays[name], non_blocking=True)
-            self._execute(bound)
+                state.buffers[name].copy_(arrays[name], non_blocking=True)
+            self.last_execution = state.execution.run()
             # a copy: the output buffer is overwritten by the next call (and by graph replays)
-            eps = bound["buffers"][OUTPUT_NAME].to(torch.float32, copy=True)
+            eps = state.buffers[OUTPUT_NAME].to(torch.float32, copy=True)
         torch.cuda.current_stream().wait_stream(self.stream)
         return {OUTPUT_NAME: eps}
 
-    def _execute(self, bound):
-        """First call per shape eager (TensorRT finishes lazy set-up), second call captured, later replayed."""
-        bound["calls"] += 1
-        if bound["graph"] is not None:
-            bound["graph"].replay()
-            return
-        if self.cuda_graphs and bound["calls"] == 2:
-            graph = self.torch.cuda.CUDAGraph()
-            with self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self._enqueue()
-            bound["graph"] = graph
-            graph.replay()
-            return
-        self._enqueue()
+    def _enqueue(self, context):
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise BdmError(f"TensorRT execution failed: {self._last_error()}")
 
-    def _enqueue(self):
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
-            raise BdmError(f"TensorRT execution failed: {reason}")
+    def _capture(self, enqueue):
+        """A CUDA graph of enqueue() on the runner's stream (CaptureFailed when TensorRT or CUDA refuses)."""
+        torch = self.torch
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                enqueue()
+        except (RuntimeError, BdmError) as e:
+            raise CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        return graph
+
+    def close(self):
+        """Free the graphs, buffers, contexts, scratch memory and engine (idempotent; infer() refuses afterwards)."""
+        if self._shapes is None:
+            return
+        self.stream.synchronize()
+        self._shapes.clear()
+        self._shapes = None
+        self._scratch = self.engine = self.runtime = None

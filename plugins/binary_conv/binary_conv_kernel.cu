@@ -1,5 +1,6 @@
 // Fused binary convolution: sign bit-packing, the straightforward AND+popcount kernel, the C ABI.
 // The tensor-core kernel is in binary_conv_tensor_core.cu; the shared math in binary_conv_device.cuh.
+#include "../common/bdm_launch.h"
 #include "binary_conv_device.cuh"
 #include "binary_conv_kernel.h"
 #include "binary_conv_tensor_core.cuh"
@@ -16,7 +17,8 @@ constexpr int kThreads = 256;
 
 bool validShape(bdm_binary_conv_shape const& s, bool timestepTables)
 {
-    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.height > 0 && s.width > 0
+    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.out_channels <= BDM_MAX_OUT_CHANNELS
+        && s.height > 0 && s.width > 0
         && (s.kernel_size == 1 || s.kernel_size == 3) && s.pad_value >= -1 && s.pad_value <= 1;
     if (timestepTables)
     {
@@ -110,11 +112,15 @@ template <typename T>
 int launchConv(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, int algo, void* workspace,
     cudaStream_t stream)
 {
+    int chosen = BDM_CONV_SIMPLE;
+    if (int const status = convAlgoForCurrentDevice(algo, tensorCoreFits(geo), chosen))
+    {
+        return status;
+    }
     uint32_t* pos = static_cast<uint32_t*>(workspace);
     uint32_t* nonzero = pos + planeWords(geo);
     packSignsKernel<T><<<blocksFor(geo.pixels * geo.words), kThreads, 0, stream>>>(ts, geo, pos, nonzero);
-    bool const tensorCore = algo == BDM_CONV_TENSOR_CORE || (algo == BDM_CONV_AUTO && tensorCoreFits(geo));
-    if (tensorCore)
+    if (chosen == BDM_CONV_TENSOR_CORE)
     {
         launchTensorCoreConv<T>(ts, geo, pos, nonzero, stream);
     }
@@ -123,7 +129,7 @@ int launchConv(bdm_binary_conv_tensors const& ts, ConvGeometry const& geo, int a
         dim3 const grid(blocksFor(geo.pixels), static_cast<unsigned>(geo.outChannels));
         simpleConvKernel<T><<<grid, kThreads, 0, stream>>>(ts, geo, pos, nonzero);
     }
-    return static_cast<int>(cudaGetLastError());
+    return launchStatus();
 }
 
 template <typename T>

@@ -49,7 +49,8 @@ BDM_API size_t bdm_binary_conv_workspace_size(bdm_binary_conv_shape const* shape
 
 // Enqueue the op on `stream`. Capture safe: no allocation, no synchronisation, no host read of device data.
 // algo (bdm_conv_algo): both kernels are exact; AUTO picks the tensor cores where the shape fills their tiles
-// (in_channels * k * k >= 256 and out_channels >= 16).
+// (in_channels * k * k >= 256 and out_channels >= 16) and the GPU runs them natively (bdm_conv_algo_choice).
+// out_channels <= BDM_MAX_OUT_CHANNELS.
 BDM_API int bdm_binary_conv2d(bdm_binary_conv_shape const* shape, bdm_binary_conv_tensors const* tensors, int dtype,
     int algo, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

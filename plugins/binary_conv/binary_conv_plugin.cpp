@@ -79,7 +79,7 @@ std::vector<int64_t> weightDims(FieldValues const& f)
 }
 
 FieldSpec const kInChannels{"in_channels", false, 0, {}};
-FieldSpec const kOutChannels{"out_channels", false, 0, {}};
+FieldSpec const kOutChannels{"out_channels", false, 0, {}, 1, BDM_MAX_OUT_CHANNELS};
 FieldSpec const kKernelSize{"kernel_size", false, 0, {1, 3}};
 FieldSpec const kPadValue{"pad_value", true, 0, {-1, 0, 1}};
 

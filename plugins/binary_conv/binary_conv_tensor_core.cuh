@@ -108,14 +108,15 @@ __host__ __device__ inline void loadBFragment(Tile const& tile, int colBase, int
 // acc += popc(a AND b) over a 16x8x256 tile.
 __device__ inline void mmaAndPopc(int (&acc)[4], uint32_t const (&a)[4], uint32_t b0, uint32_t b1)
 {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#ifdef __CUDA_ARCH__
+#if __CUDA_ARCH__ < 800
+#error "bdm kernels need sm_80 or newer (mma .b1 .and.popc): build for CUDA architectures 80 and up"
+#endif
     asm volatile(
         "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+r"(acc[0]), "+r"(acc[1]), "+r"(acc[2]), "+r"(acc[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap(); // the library is built for sm_80+ only (CMakeLists.txt)
 #endif
 }
 

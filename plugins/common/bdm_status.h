@@ -16,7 +16,8 @@ enum bdm_dtype
 };
 
 // Which kernel computes a convolution (binary conv, MultiBasisConv). All are exact; AUTO picks the tensor-core
-// one where the shape fills its tiles (each op's header says when).
+// one where the shape fills its tiles (each op's header says when) and the GPU runs it natively
+// (bdm_conv_algo_choice).
 enum bdm_conv_algo
 {
     BDM_CONV_AUTO = 0,
@@ -29,11 +30,21 @@ enum bdm_status
 {
     BDM_OK = 0,
     BDM_INVALID_ARGUMENT = -1,
-    BDM_WORKSPACE_TOO_SMALL = -2
+    BDM_WORKSPACE_TOO_SMALL = -2,
+    BDM_UNSUPPORTED_DEVICE = -3 // BDM_CONV_TENSOR_CORE asked for on a GPU below compute capability 8.0
 };
+
+// The conv kernels put the output channels on gridDim.y (at most 65535): larger out_channels are refused.
+#define BDM_MAX_OUT_CHANNELS 65535
 
 // A static, human-readable text for a status code (CUDA's text for positive codes).
 BDM_API const char* bdm_status_string(int status);
+
+// The kernel (BDM_CONV_SIMPLE or BDM_CONV_TENSOR_CORE) that `algo` runs for a shape that fills the tensor-core tiles
+// (`fits` != 0) or not, on a GPU of compute capability cc_major.cc_minor; BDM_UNSUPPORTED_DEVICE or
+// BDM_INVALID_ARGUMENT when it cannot run. AUTO takes the tensor cores only where the b1 mma is native (8.x, 9.x:
+// BMMA); 10.x and 12.x would JIT the sm_90 PTX into an IMMA emulation, so AUTO keeps the simple kernel there.
+BDM_API int bdm_conv_algo_choice(int algo, int fits, int cc_major, int cc_minor);
 
 #ifdef __cplusplus
 }

@@ -51,7 +51,7 @@ bool allowedValue(FieldSpec const& spec, int64_t value)
 {
     if (spec.allowed.empty())
     {
-        return value >= spec.minimum && value <= INT32_MAX;
+        return value >= spec.minimum && value <= spec.maximum;
     }
     for (int32_t const a : spec.allowed)
     {
@@ -65,6 +65,10 @@ bool allowedValue(FieldSpec const& spec, int64_t value)
 
 std::string allowedText(FieldSpec const& spec)
 {
+    if (spec.allowed.empty() && spec.maximum != INT32_MAX)
+    {
+        return "an int32 from " + std::to_string(spec.minimum) + " to " + std::to_string(spec.maximum);
+    }
     if (spec.allowed.empty())
     {
         return spec.minimum == 1 ? std::string("a positive int32") : "an int32 >= " + std::to_string(spec.minimum);

@@ -24,7 +24,7 @@ enum class InputKind
     kFloat32
 };
 
-// An integer attribute of the op (spec `attributes`). `allowed` empty means "any value >= minimum".
+// An integer attribute of the op (spec `attributes`). `allowed` empty means "any value from minimum to maximum".
 struct FieldSpec
 {
     char const* name;
@@ -32,6 +32,7 @@ struct FieldSpec
     int32_t defaultValue;
     std::vector<int32_t> allowed;
     int32_t minimum = 1;
+    int32_t maximum = INT32_MAX;
 };
 
 // The op's attribute values, in FieldSpec order.
@@ -85,7 +86,7 @@ struct OpDescriptor
 constexpr char const* kPluginNamespace = "bdm"; // plugins/common.yaml plugin_namespace
 constexpr char const* kPluginVersion = "1";     // plugins/common.yaml plugin_version
 
-// Log through the logger TensorRT handed us (setLoggerFinder), or libnvinfer's when we self-registered.
+// Log through the logger TensorRT handed us (setLoggerFinder); warnings and errors go to stderr before that.
 void logMessage(nvinfer1::ILogger::Severity severity, std::string const& message);
 
 class Plugin final : public nvinfer1::IPluginV3,

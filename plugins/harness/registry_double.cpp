@@ -1,5 +1,6 @@
 // Test double of libnvinfer's plugin registry, built as libnvinfer.so.<major> in its own folder, for the
-// registration test only (plugin_harness --registration). It implements what TensorRT documents for
+// registration test only (plugin_harness --registration: loading the bdm library registers nothing by itself,
+// loadLibrary registers it once). It implements what TensorRT documents for
 // IPluginRegistry: registerCreator refuses a (name, version, namespace) that is already registered, and
 // loadLibrary dlopens a library, calls its getCreators and fails without registering anything if any creator
 // is already registered. Nothing else of TensorRT is imitated.

@@ -1,6 +1,7 @@
 // MultiBasisConv: activation quantization into code bit-planes, the bit-serial AND+popcount convolution (and the
 // float32 one for act_bits 0), the C ABI. The shared math is in multibasis_conv_device.cuh; the tensor-core kernel
 // in multibasis_conv_tensor_core.cu.
+#include "../common/bdm_launch.h"
 #include "multibasis_conv_device.cuh"
 #include "multibasis_conv_kernel.h"
 #include "multibasis_conv_tensor_core.cuh"
@@ -25,7 +26,8 @@ int32_t outSize(int32_t length, int32_t kernel, int32_t stride, int32_t padding)
 
 bool validShape(bdm_multibasis_conv_shape const& s)
 {
-    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.height > 0 && s.width > 0
+    bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.out_channels <= BDM_MAX_OUT_CHANNELS
+        && s.height > 0 && s.width > 0
         && s.kernel_size > 0 && s.padding >= 0 && (s.stride == 1 || s.stride == 2)
         && (s.num_bases == 1 || s.num_bases == 2) && (s.act_bits == 0 || s.act_bits == 4 || s.act_bits == 8);
     switch (s.spatial_dims)
@@ -113,12 +115,11 @@ __global__ void convKernel(bdm_multibasis_conv_tensors ts, Geometry geo, uint32_
     simpleOutput(ts, geo, planes, outCoord(geo, outPixel), blockIdx.y);
 }
 
-// The tensor cores serve the quantized path only (act_bits 0 is float32 arithmetic); AUTO takes them where the
-// shape fills the mma tiles: K of at least 256 bits and 16 output channels.
-bool useTensorCore(Geometry const& geo, int algo)
+// The tensor cores serve the quantized path only (act_bits 0 is float32 arithmetic); they fit where the shape fills
+// the mma tiles: K of at least 256 bits and 16 output channels.
+bool tensorCoreFits(Geometry const& geo)
 {
-    bool const fits = geo.tapWords >= tc::kChunkWords && geo.outChannels >= 16;
-    return geo.actBits && (algo == BDM_CONV_TENSOR_CORE || (algo == BDM_CONV_AUTO && fits));
+    return geo.tapWords >= tc::kChunkWords && geo.outChannels >= 16;
 }
 
 void runHost(bdm_multibasis_conv_tensors const& ts, Geometry const& geo, int algo)
@@ -180,6 +181,14 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         return status;
     }
     Geometry const geo = makeGeometry(*shape);
+    int chosen = BDM_CONV_SIMPLE;
+    if (geo.actBits)
+    {
+        if (int const status = bdm::convAlgoForCurrentDevice(algo, tensorCoreFits(geo), chosen))
+        {
+            return status;
+        }
+    }
     uint32_t* planes = static_cast<uint32_t*>(workspace);
     if (geo.actBits)
     {
@@ -193,7 +202,7 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         }
         quantizeKernel<<<blocksFor(geo.pixels * geo.words), kThreads, 0, stream>>>(*tensors, geo, planes);
     }
-    if (useTensorCore(geo, algo))
+    if (chosen == BDM_CONV_TENSOR_CORE)
     {
         launchTensorCoreConv(*tensors, geo, planes, stream);
     }
@@ -202,7 +211,7 @@ extern "C" int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_m
         dim3 const grid(blocksFor(geo.outPixels), static_cast<unsigned>(geo.outChannels));
         convKernel<<<grid, kThreads, 0, stream>>>(*tensors, geo, planes);
     }
-    return static_cast<int>(cudaGetLastError());
+    return bdm::launchStatus();
 }
 
 extern "C" int bdm_multibasis_conv_host(

@@ -51,8 +51,9 @@ BDM_API size_t bdm_multibasis_conv_workspace_size(bdm_multibasis_conv_shape cons
 // Enqueue the op on `stream`. Capture safe: no allocation, no synchronisation, no host read of device data.
 // algo (bdm_conv_algo): BDM_CONV_SIMPLE runs one thread per output on CUDA cores, BDM_CONV_TENSOR_CORE the
 // mma.sync m16n8k256 b1 AND.POPC kernel (sm_80+), BDM_CONV_AUTO the tensor cores where the shape fills their tiles
-// (taps * in_channels rounded up to 32 >= 256 and out_channels >= 16). Both give bit-identical results; act_bits 0
-// (float32 arithmetic) always runs the simple kernel.
+// (taps * in_channels rounded up to 32 >= 256 and out_channels >= 16) and the GPU runs them natively
+// (bdm_conv_algo_choice). Both give bit-identical results; act_bits 0 (float32 arithmetic) always runs the simple
+// kernel. out_channels <= BDM_MAX_OUT_CHANNELS.
 BDM_API int bdm_multibasis_conv(bdm_multibasis_conv_shape const* shape, bdm_multibasis_conv_tensors const* tensors,
     int algo, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

@@ -126,7 +126,7 @@ OpDescriptor const& multibasisConvDescriptor()
         "MultiBasisConv",
         {InputKind::kFloat32Activation, InputKind::kInt32, InputKind::kFloat32, InputKind::kFloat32,
             InputKind::kFloat32},
-        {{"in_channels", false, 0, {}}, {"out_channels", false, 0, {}}, {"num_bases", false, 0, {1, 2}},
+        {{"in_channels", false, 0, {}}, {"out_channels", false, 0, {}, 1, BDM_MAX_OUT_CHANNELS}, {"num_bases", false, 0, {1, 2}},
             {"spatial_dims", false, 0, {0, 1, 2}}, {"kernel_size", true, 1, {}}, {"stride", true, 1, {1, 2}},
             {"padding", true, 0, {}, 0}, {"act_bits", true, 4, {0, 4, 8}}},
         "out_channels",

@@ -1,6 +1,7 @@
 // TimestepBias: y = x + table[g, c]; TimestepRPReLU: y = PReLU_{slope[g, c]}(x + bias0[g, c]) + bias1[g, c].
 // One elementwise kernel serves both; g comes from t[0] on the device (plugins/common.yaml group_rule).
 #include "../common/bdm_device.cuh"
+#include "../common/bdm_launch.h"
 #include "timestep_affine_kernel.h"
 
 #include <cuda_fp16.h>
@@ -72,7 +73,7 @@ extern "C" int bdm_timestep_affine(bdm_timestep_affine_shape const* shape, bdm_t
     {
         bdm::affineKernel<__half><<<grid, bdm::kThreads, 0, stream>>>(*tensors, *shape, count);
     }
-    return static_cast<int>(cudaGetLastError());
+    return bdm::launchStatus();
 }
 
 extern "C" int bdm_timestep_affine_host(bdm_timestep_affine_shape const* shape,

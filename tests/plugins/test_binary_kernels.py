@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bdm.errors import BdmError
-from bdm.plugins import kernels, packing, reference
+from bdm.plugins import kernels, packing, reference, spec
 
 BACKENDS = ["host-simple", "host-tensor_core", "gpu-simple", "gpu-tensor_core"]
 # t values: every group, both sides of each boundary, and clamping below 0 / above total_steps
@@ -230,3 +230,36 @@ def test_kernels_are_cuda_graph_capture_safe(library, backend):
         torch.cuda.synchronize()
         expected = spec_conv(to_numpy(x), weight, alpha, t=np.array([t0], np.int32), **tables)
         assert_bit_identical(to_numpy(y), expected, f"replay t={t0}")
+
+
+@pytest.mark.parametrize("algo, fits, capability, chosen", [
+    ("auto", True, (8, 0), "tensor_core"), ("auto", True, (8, 6), "tensor_core"), ("auto", True, (8, 9), "tensor_core"),
+    ("auto", True, (9, 0), "tensor_core"),   # native BMMA
+    ("auto", False, (9, 0), "simple"),       # the shape does not fill the tiles
+    ("auto", True, (10, 0), "simple"), ("auto", True, (12, 0), "simple"),  # the b1 mma would be IMMA emulation
+    ("tensor_core", False, (8, 0), "tensor_core"), ("tensor_core", True, (12, 0), "tensor_core"),  # asked: it runs
+    ("simple", True, (9, 0), "simple"),
+])
+def test_the_automatic_choice_takes_tensor_cores_only_where_they_are_native(library, algo, fits, capability, chosen):
+    assert kernels.conv_algo_choice(algo, fits, capability, library=library) == chosen
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (6, 1)])
+def test_tensor_cores_are_refused_below_compute_capability_8(library, capability):
+    assert kernels.conv_algo_choice("auto", True, capability, library=library) == "simple"
+    with pytest.raises(BdmError, match="needs a GPU of compute capability 8.0 or newer"):
+        kernels.conv_algo_choice("tensor_core", True, capability, library=library)
+
+
+def test_out_channels_beyond_the_grid_limit_are_refused(library):
+    """The kernels put the output channels on gridDim.y (at most 65535, spec `maximum`)."""
+    limit = spec.op("BinaryConv2d")["attributes"]["out_channels"]["maximum"]
+    x = np.ones((1, 8, 2, 2), np.float32)
+    for cout in (limit, limit + 1):
+        weight = np.zeros((cout, 1, 1, 1), np.int32)  # all -1
+        args = dict(in_channels=8, out_channels=cout, kernel_size=1, library=library)
+        if cout > limit:
+            with pytest.raises(BdmError, match="invalid argument"):
+                kernels.binary_conv2d(x, weight, np.ones(cout, np.float32), **args)
+        else:
+            assert (kernels.binary_conv2d(x, weight, np.ones(cout, np.float32), **args) == -8).all()

@@ -171,6 +171,10 @@ def test_arguments_outside_the_spec_are_refused(library):
                                                                              stride=2))
     with pytest.raises(BdmError, match="algo must be one of auto, simple, tensor_core, got 'fastest'"):
         run(library, "host-fastest", inputs, attributes(40, 24, form, 2, 4))
+    limit = spec.op("MultiBasisConv")["attributes"]["out_channels"]["maximum"]  # the kernels' gridDim.y
+    linear = random_case(40, limit + 1, FORMS[-1], 1, seed=1)
+    with pytest.raises(BdmError, match="invalid argument"):
+        run(library, "host-simple", linear, attributes(40, limit + 1, FORMS[-1], 1, 4))
     with pytest.raises(BdmError, match="float32 x"):
         kernels.multibasis_conv(inputs[0].astype(np.float16), *inputs[1:], library=library,
                                 **attributes(40, 24, form, 2, 4))

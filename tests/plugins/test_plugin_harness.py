@@ -101,7 +101,7 @@ def test_build_names_the_header_version_and_needs_no_tensorrt_library(adapter_bu
     assert "libnvinfer" not in needed and "libcudart" not in needed
     undefined = subprocess.run(["nm", "-D", "--undefined-only", str(build.plugins)], capture_output=True, text=True,
                                check=True).stdout
-    assert "getPluginRegistry" not in undefined  # resolved at load time through dlopen(RTLD_NOLOAD) instead
+    assert "getPluginRegistry" not in undefined  # TensorRT registers the creators (getCreators), never the library
     exported = subprocess.run(["nm", "-D", "--defined-only", str(build.plugins)], capture_output=True, text=True,
                               check=True).stdout
     assert {line.split()[-1] for line in exported.splitlines() if " T " in line} == {"getCreators", "setLoggerFinder"}
@@ -206,11 +206,26 @@ def test_creator_refuses_attributes_outside_the_spec(adapter_build, op_name, cha
     assert any(message in line for line in report["log"]), report["log"]
 
 
+@pytest.mark.parametrize("op_name, attribute", [(op, name) for op in sorted(spec.plugin_ops())
+                                                 for name, a in spec.op(op)["attributes"].items() if "maximum" in a])
+def test_creator_refuses_what_the_spec_maximum_refuses(adapter_build, op_name, attribute):
+    build, _ = adapter_build
+    maximum = spec.op(op_name)["attributes"][attribute]["maximum"]
+    for value, created in ((maximum, True), (maximum + 1, False)):
+        fields = dict(required_fields(op_name), **{attribute: value}, **({"residual": 0} if op_name == "BinaryConv2d"
+                                                                         else {}))
+        report, _ = run_harness(build, op_name, fields)
+        assert report["created"] == created, report["log"]
+    assert any(f"field '{attribute}' = {maximum + 1} is not an int32 from 1 to {maximum}" in line
+               for line in report["log"]), report["log"]
+
+
 @pytest.mark.parametrize("scenario", ["dlopen", "load_library"])
-def test_self_registration_without_double_registration(adapter_build, scenario):
-    """In a process that already holds libnvinfer.so.<major> (here the registry test double, loaded RTLD_LOCAL
-    like Python loads the real one): a plain dlopen (polygraphy --plugins, ctypes) registers the creators, and
-    IPluginRegistry::loadLibrary afterwards (or alone) still succeeds with every creator registered once."""
+def test_load_library_is_the_one_registration_path(adapter_build, scenario):
+    """In a process that already holds libnvinfer.so.<major> (here the registry test double, loaded RTLD_LOCAL like
+    Python loads the real one): a plain dlopen (polygraphy --plugins, ctypes) registers nothing; IPluginRegistry::
+    loadLibrary registers every creator once, and a second loadLibrary fails as TensorRT documents, changing nothing
+    (bdm's load_plugins therefore checks the registry first)."""
     build, _ = adapter_build
     major = build.tensorrt_version.split(".")[0]
     double = build.build_dir / "test_registry_double" / f"libnvinfer.so.{major}"
@@ -219,7 +234,6 @@ def test_self_registration_without_double_registration(adapter_build, scenario):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     expected = sorted(f"bdm::{name}" for name in spec.plugin_ops())
-    if scenario == "dlopen":
-        assert sorted(report["after_dlopen"]) == expected
-    assert report["load_library_ok"]
-    assert sorted(report["after_load_library"]) == expected
+    assert report["after_dlopen"] == ([] if scenario == "dlopen" else None)
+    assert report["load_library_ok"] and sorted(report["after_load_library"]) == expected
+    assert not report["second_load_library_ok"] and sorted(report["after_second_load_library"]) == expected
