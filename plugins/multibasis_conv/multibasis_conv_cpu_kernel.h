@@ -154,7 +154,7 @@ inline void packRow(MultibasisConvLayer const& layer, MultibasisConvCall const& 
 }
 
 inline void convolve(MultibasisConvLayer const& layer, MultibasisConvCall const& call, Geometry const& g,
-    uint32_t const* planes, int32_t const* sums, int threads)
+    uint32_t const* planes, int32_t const* sums, long long const* offsets, int threads)
 {
     PlaneLayout const& l = g.layout;
     int const blocks = layer.blocked.blocks;
@@ -169,12 +169,11 @@ inline void convolve(MultibasisConvLayer const& layer, MultibasisConvCall const&
         int const oh = static_cast<int>(row - static_cast<long long>(n) * g.outHeight);
         int const o0 = block * (kTileChannels / bases);
         int const outputs = minInt(kTileChannels / bases, g.outChannels - o0);
-        Tile tile{planes + n * g.imageWords, l, layer.kernelH, layer.kernelW, oh, 0,
+        Tile tile{planes + n * g.imageWords + static_cast<long long>(oh) * l.stride * l.rowStride, l, g.taps, offsets,
             layer.blocked.words + static_cast<long long>(block) * g.taps * l.words * kTileChannels};
-        for (int ow0 = 0; ow0 < g.outWidth; ow0 += kTileWidth)
+        for (int ow0 = 0; ow0 < g.outWidth; ow0 += kTileWidth, tile.origin += kTileWidth)
         {
             int32_t acc[kTileChannels][kTileWidth];
-            tile.ow0 = ow0;
             popcountTile<false>(tile, acc);
             int32_t window[kTileWidth] = {}; // R: the window's code sum
             for (int i = 0; i < layer.kernelH; ++i)
@@ -221,12 +220,14 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
     Geometry const g = geometry(layer, call);
     long long const planeWords = call.batch * g.imageWords;
     long long const sumWords = static_cast<long long>(call.batch) * g.paddedHeight * g.sumRowStride;
-    Scratch scratch(sizeof(uint32_t) * (planeWords + sumWords));
+    Scratch scratch(sizeof(uint32_t) * (planeWords + sumWords) + sizeof(long long) * g.taps);
     if (!scratch.ok())
     {
         return BDM_CPU_OUT_OF_MEMORY;
     }
-    uint32_t* planes = scratch.as<uint32_t>();
+    long long* offsets = scratch.as<long long>();
+    tapOffsets(g.layout, layer.kernelH, layer.kernelW, offsets);
+    uint32_t* planes = reinterpret_cast<uint32_t*>(offsets + g.taps);
     int32_t* sums = reinterpret_cast<int32_t*>(planes + planeWords);
     int const threads = threadCount(call.threads);
     long long const rows = static_cast<long long>(call.batch) * g.paddedHeight;
@@ -244,7 +245,7 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
             packRow<8>(layer, call, g, planes, sums, n, r);
         }
     }
-    convolve(layer, call, g, planes, sums, threads);
+    convolve(layer, call, g, planes, sums, offsets, threads);
     return BDM_OK;
 }
 
