@@ -366,7 +366,7 @@ inline void convolve(BinaryConvLayer const& layer, BinaryConvCall const& call, G
 #pragma omp parallel num_threads(threads) if (threads > 1 && bands > 1)
     {
         Band const band = bandAt(buffers + bandBytes(g) * threadIndex(), g);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (long long b = 0; b < bands; ++b)
         {
             int const n = static_cast<int>(b / g.bandsPerImage);

@@ -191,7 +191,7 @@ inline void convolveRows(MultibasisConvLayer const& layer, MultibasisConvCall co
     int const blocks = layer.blocked.blocks;
     int const perBlock = kTileChannels / layer.numBases;
     long long const items = static_cast<long long>(call.batch) * g.outHeight * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
     for (long long item = 0; item < items; ++item)
     {
         long long const row = item / blocks;
@@ -296,7 +296,7 @@ inline void convolveColumns(MultibasisConvLayer const& layer, MultibasisConvCall
     long long const tiles = c.layout.phaseWidth / kTileWidth;
     long long const items = tiles * blocks;
     long long const zero = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
     for (long long item = 0; item < items; ++item)
     {
         long long const p0 = item / blocks * kTileWidth;
@@ -350,7 +350,7 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
     int32_t* sums = reinterpret_cast<int32_t*>(planes + planeWords);
     int const threads = threadCount(call.threads);
     long long const rows = static_cast<long long>(call.batch) * g.paddedHeight;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && rows > 1)
     for (long long row = 0; row < rows; ++row)
     {
         int const n = static_cast<int>(row / g.paddedHeight);
