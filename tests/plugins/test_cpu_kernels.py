@@ -100,7 +100,8 @@ def run_binary(kernels, op_type, attrs, constants, x, t=None):
 
 @pytest.mark.parametrize("case", BINARY_CASES, ids=lambda c: "cin{}_cout{}_k{}_{}x{}_n{}".format(*c))
 def test_binary_conv2d_is_bit_identical_to_the_reference(isas, case):
-    """Every pad_value, residual 0 / 1, every group and its boundaries (only t[0] counts), every path and thread count."""
+    """Every pad_value, residual 0 / 1, every group and its boundaries (only t[0] counts), every path and thread
+    count."""
     cin, cout, k, h, w, batch = case
     weight, alpha, tables = binary_layer(cin, cout, k, seed=cin * 1000 + cout)
     x = binary_input(cin, h, w, batch, seed=h * w)
