@@ -8,9 +8,11 @@ the spec's bound against the reference; act_bits 0 runs torch's float conv on W_
 instruction-set path this CPU runs and 1 vs 2 threads must give identical outputs.
 """
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -422,3 +424,31 @@ def test_build_failure_is_one_line(fake_cxx, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(BdmError, match=r"needs a C\+\+ compiler: \$CXX \(/nonexistent/c\+\+\) is not on PATH"):
         plugin_build.build_cpu()
+
+
+CROSSCHECK = Path(__file__).with_name("cpu_kernels_crosscheck.cpp")
+
+
+def crosscheck_digests(cxx, library: Path, out: Path, isa: int, runner=()) -> str:
+    """Build the crosscheck driver against `library` with `cxx` and run it on path `isa`: its digest lines."""
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{plugin_build.PLUGINS_DIR}", str(CROSSCHECK), f"-L{library.parent}",
+                    "-lbdm_cpu_kernels", f"-Wl,-rpath,{library.parent}", "-o", str(out)], check=True)
+    return subprocess.run([*runner, str(out), str(isa)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_the_portable_path_on_aarch64_gives_the_same_bits(isas, tmp_path, monkeypatch):
+    """The library cross-built for aarch64 (portable path only: the x86 translation units are empty there) and run
+    under qemu gives the same output bytes, layer by layer, as every path here."""
+    cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if not (cross and qemu):
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu, qemu-user)")
+    native = {isa: crosscheck_digests(plugin_build.find_cxx(), plugin_build.build_cpu(announce=False),
+                                      tmp_path / "native", cpu_kernels.ISA_CODES[isa]) for isa in isas}
+    assert len(set(native.values())) == 1 and "status 0 " in native["portable"], native
+    assert native["portable"].count("status 0 ") == 7, native["portable"]
+    monkeypatch.setenv("CXX", cross)
+    monkeypatch.setenv("BDM_CPU_KERNELS_CACHE", str(tmp_path / "cache"))
+    arm = crosscheck_digests(cross, plugin_build.build_cpu(announce=False), tmp_path / "arm", 0,
+                             runner=(qemu, "-L", "/usr/aarch64-linux-gnu"))
+    assert arm == native["portable"]
