@@ -188,6 +188,9 @@ class CpuKernels:
             attrs = reference.complete_attributes(op_type, dict(attributes))
         except ValueError as e:
             return f"{op_type}: {e}"
+        for name in ("in_channels", "out_channels"):
+            if attrs[name] < 1:
+                return f"{op_type}: {name} = {attrs[name]} must be >= 1"
         if op_type == "BinaryConv2d" and attrs["residual"] and attrs["in_channels"] != attrs["out_channels"]:
             return (f"BinaryConv2d with residual 1 needs in_channels == out_channels "
                     f"(got {attrs['in_channels']} -> {attrs['out_channels']})")
@@ -198,15 +201,12 @@ class CpuKernels:
                     _multibasis_weight_shape(attrs), **{k: attrs[k] for k in _MULTIBASIS_SHAPE_ATTRIBUTES})
             except ValueError as e:
                 return str(e)
-        for name in ("in_channels", "out_channels"):
-            if attrs[name] < 1:
-                return f"{op_type}: {name} = {attrs[name]} must be >= 1"
         return None
 
     def prepare(self, op_type: str, attributes: dict, constants: dict) -> Callable:
         """A callable running this node: weights repacked once now, each call takes the runtime inputs (torch CPU
-        tensors) by spec name and returns y, a new contiguous float32 tensor. Raises CpuKernelsUnavailable for a node
-        form or constant the kernels do not take."""
+        tensors) by spec name and returns y, a new contiguous float32 tensor (or `out=`, filled). Raises
+        CpuKernelsUnavailable for a node form or constant the kernels do not take."""
         reason = self.supports(op_type, attributes)
         if reason:
             raise CpuKernelsUnavailable(reason)
