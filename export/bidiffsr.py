@@ -3,8 +3,9 @@
 Same module tree and parameter names as the official code, so official checkpoints load strictly. What differs:
 - The timestep group g = clamp(t[0]*K div T, 0, K-1) is computed with tensor ops and the TaR/TaA parameters
   are selected with `index_select`, so one trace (TorchScript / ONNX) serves every timestep.
-- Inference arithmetic only: sign(x) activations (the official STE has the same forward value), no train-time
-  straight-through terms unless `set_arithmetic(model, "official")` asks for them (see ARITHMETICS).
+- Inference arithmetic by default: sign(x) activations (the official STE has the same forward value), no
+  train-time straight-through terms unless `set_arithmetic(model, "official")` asks for them (see ARITHMETICS);
+  the official arithmetic also has the official gradients, so a model in it trains as the official one does.
 - Self-attention as reshape + matmul instead of 6-D einsum (TensorRT-friendly).
 
 Reference: ../shared/reference/bi_diffsr/ARCHITECTURE.md §3.
@@ -24,7 +25,9 @@ from bdm.export.config import BIDIFFSR_TYPE, ModelFamily, bidiffsr_kwargs, bidif
 #     once: the op spec's arithmetic (plugins/binary_conv/spec.yaml), alpha*sign(W) with alpha = flat mean|W|.
 # "official": the official fp32 order of operations, which reproduces the official outputs bit for bit (CPU,
 #     1 thread): straight-through weights W_eff = fl(fl(alpha*sign(W) - clamp(W,-1,1)) + clamp(W,-1,1)) with alpha
-#     as nested means, and the attention's value sum over keys in the order the official 6-D einsum uses.
+#     as nested means, and the attention's value sum over keys in the order the official 6-D einsum uses. Its
+#     gradients are the official straight-through estimators: d W_eff / d W = 1 where |W| <= 1 (alpha and sign
+#     detached), and the activation sign's gradient is ApproxSign's, 2 - 2|x| for |x| < 1 and 0 elsewhere.
 ARITHMETICS = ("deploy", "official")
 
 
@@ -33,6 +36,22 @@ def timestep_group(t: torch.Tensor, num_groups: int, total_steps: int) -> torch.
     Only the first sample's t selects the group for the whole batch, as in the official forward."""
     t0 = t.reshape(-1)[0].to(torch.int64)
     return torch.clamp(torch.div(t0 * num_groups, total_steps, rounding_mode="floor"), 0, num_groups - 1)
+
+
+class _ApproxSignSTE(torch.autograd.Function):
+    """sign(x) forward (sign(0) = 0); backward the derivative of the official ApproxSign polynomial
+    (-1; x^2 + 2x; -x^2 + 2x; 1), i.e. max(0, 2 - 2|x|). The official `sign.detach() - p.detach() + p` has this
+    forward value exactly (ARCHITECTURE.md 3.1) and this gradient, without keeping p's intermediates."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (2.0 - 2.0 * x.abs()).clamp_min(0.0)
 
 
 class Swish(nn.Module):
@@ -79,7 +98,8 @@ class HardBinaryConv(nn.Module):
         if self.arithmetic == "official":
             alpha = w.abs().mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
             clipped = w.clamp(-1.0, 1.0)
-            return F.conv2d(sign_map, (alpha * torch.sign(w) - clipped) + clipped, padding=padding)
+            w_eff = ((alpha * torch.sign(w)).detach() - clipped.detach()) + clipped  # official STE
+            return F.conv2d(sign_map, w_eff, padding=padding)
         # sums of +-1 and 0 are exact in fp32 (|dot| <= k*k*Cin < 2**24): one rounding, in the alpha product
         dot = F.conv2d(sign_map, torch.sign(w), padding=padding)
         return dot * self.alpha().reshape(1, -1, 1, 1)
@@ -129,8 +149,11 @@ class BIConv(nn.Module):
         return self.binary_conv.alpha().detach().float()
 
     def sign_input(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        """sign(x + beta_g), with sign(0) = 0 (torch.sign)."""
-        return torch.sign(x + self._row("threshold", group))
+        """sign(x + beta_g), with sign(0) = 0 (torch.sign); the official STE's gradient in official arithmetic."""
+        shifted = x + self._row("threshold", group)
+        if self.binary_conv.arithmetic == "official" and torch.is_grad_enabled():
+            return _ApproxSignSTE.apply(shifted)
+        return torch.sign(shifted)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         group = timestep_group(t, self.num_groups, self.total_steps)
