@@ -17,9 +17,13 @@ What is official and what is the recipe:
   * loss: L1 on eps weighted per sample by the factor the sampler applies to an eps error in its x0 estimate,
     r_t = sqrt((1 - abar_t) / abar_t) (floored), normalised within the batch: so the high-noise end, where
     r reaches 150, counts as much as its effect on the output, while batches of every group stay on one scale.
-  * a second phase trains on the sampler's own states: the EMA model rolls a noised ground truth forward 1-3
-    DDIM steps, and the network learns eps_target = (x - sqrt(abar) x0) / sqrt(1 - abar) at the state actually
-    reached (removes exposure bias of the deterministic eta = 0 sampler).
+  * a second phase trains on the sampler's own states (half of the batches from `rollout_from`): the EMA model
+    rolls a noised ground truth forward 1-3 DDIM steps, and the network learns
+    eps_target = (x - sqrt(abar) x0) / sqrt(1 - abar) at the state actually reached, which pulls the
+    deterministic (eta = 0) sampler's output towards the ground truth (exposure bias). From
+    `trajectories_from` these states are those of whole 50-step EMA trajectories from noise (`trajectory_batch`),
+    so the errors of all earlier steps, the high-noise ones above all, are in the states the network learns from;
+    from `trajectory_weighted_from` their eps error is weighted by min(r_t, 1) (one t per such batch).
   * Adam with warm-up and cosine decay, gradient clipping, EMA of the weights (the EMA copy is released),
     h/v flips and 90-degree rotations, 64 px HR patches (LR 16 px), batch 8, one thread (on a busy 2-core
     machine two OpenMP threads spin-wait for each other: 2.8 s/iteration against 0.5 s with one, measured).
@@ -77,6 +81,8 @@ SETTINGS = {
     "rollout_from": 0.6,         # fraction of `iters` after which rollout batches start
     "rollout_share": 0.5,        # share of batches trained on the EMA sampler's own states (phase 2)
     "rollout_max_steps": 3,
+    "trajectories_from": None,   # iteration from which rollout batches are states of full 50-step EMA trajectories
+    "trajectory_weighted_from": None,  # iteration from which trajectory batches weigh eps by min(r_t, 1)
     "flat_patch_std": 0.02,      # patches flatter than this (HR std) are redrawn 3 times in 4 (black skies)
     "save_minutes": 5,
     "monitor_every": 250,        # x0-PSNR per group on held-out crops, training loss
@@ -149,6 +155,7 @@ class Trainer:
         self.schedule = ddim_schedule()
         self.iteration, self.wall = 0, 0.0
         self.history = []
+        self.bank = []  # states of the current EMA trajectory still to train on (trajectory_batch)
         self.monitor_hr, self.monitor_cond = held_out_crops(64, 4)
         self.monitor_noise = torch.randn(self.monitor_hr.shape, generator=torch.Generator().manual_seed(1))
         self.sample_hr, self.sample_cond = held_out_crops(96, 1)
@@ -215,11 +222,35 @@ class Trainer:
                 x, _ = ddim_step(x, self.ema(x, cond, t), self.schedule, i)
         return x, torch.full((n,), int(self.schedule.timesteps[j]), dtype=torch.int64)
 
+    def trajectory_batch(self):
+        """(x0, cond, x_j, t_j as [n]) for one step j of a full 50-step EMA sampler trajectory: the sampler's
+        exact states, errors of every earlier step included. One trajectory (50 EMA forwards) serves 50 batches,
+        its steps in random order; a new one starts when they are used up."""
+        if not self.bank:
+            x0, cond = self.photos.batch(self.s["batch"], self.s["patch"], self.s["flat_patch_std"])
+            a = float(self.schedule.alpha_bar[0])
+            x = math.sqrt(a) * x0 + math.sqrt(1 - a) * torch.randn(x0.shape, generator=self.gen)
+            states = []
+            with torch.no_grad():
+                for i, t in enumerate(self.schedule.timesteps):
+                    states.append(x)
+                    x, _ = ddim_step(x, self.ema(x, cond, torch.full((x0.shape[0],), int(t))), self.schedule, i)
+            self.bank = [(x0, cond, states[j], j) for j in self.rng.permutation(len(states))]
+        x0, cond, x, j = self.bank.pop()
+        return x0, cond, x, torch.full((x0.shape[0],), int(self.schedule.timesteps[j]), dtype=torch.int64)
+
     def step(self) -> float:
         s = self.s
-        x0, cond = self.photos.batch(s["batch"], s["patch"], s["flat_patch_std"])
         rollout = (self.iteration >= s["rollout_from"] * s["iters"] and self.rng.random() < s["rollout_share"])
-        if rollout:
+        if rollout and s["trajectories_from"] is not None and self.iteration >= s["trajectories_from"]:
+            x0, cond, x_t, t = self.trajectory_batch()
+            rollout = "trajectory"
+        else:
+            x0, cond = self.photos.batch(s["batch"], s["patch"], s["flat_patch_std"])
+        if rollout == "trajectory":
+            a = self.abar[t].reshape(-1, 1, 1, 1)
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        elif rollout:
             x_t, t = self.rollout_states(x0, cond)
             a = self.abar[t].reshape(-1, 1, 1, 1)
             eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
@@ -229,7 +260,12 @@ class Trainer:
             eps = torch.randn(x0.shape, generator=self.gen)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         weight = ((1 - a) / a).sqrt().clamp_min(s["weight_floor"])
-        weight = weight / weight.mean()
+        if rollout == "trajectory" and self.iteration >= (s["trajectory_weighted_from"] or math.inf):
+            # One t per trajectory batch, so a batch mean would cancel r: cap it at 1 instead. Late states of a
+            # poor trajectory have huge eps targets (x - x0) / sqrt(1 - abar) whose x0 effect r is tiny.
+            weight = weight.clamp_max(1.0)
+        else:
+            weight = weight / weight.mean()
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate()
         eps_hat = self.model(x_t, cond, t)
@@ -305,6 +341,10 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, help="total iterations (default: the saved or built-in setting)")
     parser.add_argument("--release", type=Path, help="write the EMA model (official ckpt + YAML) there and stop")
     parser.add_argument("--stop-at", type=int, help="save and stop at this iteration (to replay a recorded run)")
+    parser.add_argument("--trajectories-from", type=int,
+                        help="iteration from which rollout batches come from full EMA sampler trajectories")
+    parser.add_argument("--trajectory-weighted-from", type=int,
+                        help="iteration from which trajectory batches weigh the eps error by min(r_t, 1)")
     parser.add_argument("--stop-after-minutes", type=float, help="save and stop after this much wall time")
     args = parser.parse_args(argv)
 
@@ -315,6 +355,12 @@ def main(argv=None):
         settings = dict(saved["settings"])
     if args.iters:
         settings["iters"] = args.iters
+    if args.trajectories_from is not None:
+        settings["trajectories_from"] = args.trajectories_from
+    if args.trajectory_weighted_from is not None:
+        settings["trajectory_weighted_from"] = args.trajectory_weighted_from
+    settings.setdefault("trajectories_from", None)
+    settings.setdefault("trajectory_weighted_from", None)
     torch.set_num_threads(settings["threads"])
     trainer = Trainer(settings)
     if saved is not None:
@@ -346,7 +392,9 @@ def main(argv=None):
             trainer.history.append(record)
             print(json.dumps(record), flush=True)
         stop = args.stop_after_minutes and trainer.wall - wall_at_start >= 60 * args.stop_after_minutes
-        if trainer.wall - last_save >= 60 * settings["save_minutes"] or it == end or stop:
+        # Saved only between trajectories (the bank is not saved), so a resumed run equals an uninterrupted one.
+        due = trainer.wall - last_save >= 60 * settings["save_minutes"] and not trainer.bank
+        if due or it == end or stop:
             trainer.save(args.state)
             last_save = trainer.wall
             if stop:
