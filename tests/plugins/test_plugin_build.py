@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,12 @@ def cuda_tool(name):
         return found
     nvcc = shutil.which("nvcc")
     candidates = [Path(os.path.realpath(nvcc)).parent / name] if nvcc else []
-    candidates += sorted(Path(sys.prefix).glob(f"lib/python*/site-packages/nvidia/cu*/bin/{name}"))
+    try:  # the wheels' namespace package, wherever it is installed (a venv, or the system site of one)
+        import nvidia
+        roots = list(nvidia.__path__)
+    except ImportError:
+        roots = []
+    candidates += sorted(path for root in roots for path in Path(root).glob(f"cu*/bin/{name}"))
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
