@@ -39,11 +39,17 @@ def _schedule_options(options: dict) -> dict:
     return {ours: beta[theirs] for theirs, ours in names.items() if theirs in beta}
 
 
-def _make_runner(engine, onnx, ckpt, config, plugins, device):
+def _make_runner(engine, onnx, ckpt, config, plugins, device, bundled_default=False):
     from bdm.runtime import backends
 
     chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
-    if len(chosen) != 1:
+    if not chosen and bundled_default:
+        from bdm.runtime import demo_model
+
+        onnx = demo_model.onnx_path()
+        print(f"bdm: no model given; using the bundled demo model {onnx.name} ({demo_model.SUMMARY})",
+              file=sys.stderr)
+    elif len(chosen) != 1:
         raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
                        f"(ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
                        + (f" ({', '.join(chosen)})" if chosen else ""))
@@ -78,7 +84,8 @@ def upscale(
     fmt: str = typer.Option("png", "--format", help="Output format for folder outputs: png, jpg, webp, tif."),
     overwrite: bool = typer.Option(False, help="Redo outputs that already exist (default: skip them)."),
 ):
-    """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint."""
+    """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint (none
+    given: the bundled demo model, x4)."""
     from bdm.runtime.backends import INPUT_NAMES, require_inputs
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
@@ -87,7 +94,7 @@ def upscale(
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
     options = _options_yaml(config)
     schedule = _schedule_options(options)
-    runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
+    runner = _make_runner(engine, onnx, ckpt, config, plugins, device, bundled_default=True)
     require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
     recorded = getattr(runner, "metadata", {}).get(SCALE_KEY)
     if scale is None:

@@ -17,7 +17,9 @@ BIDIFFSR_TYPE = "BIDiffSRUNet"
 #     once: the op spec's arithmetic (plugins/binary_conv/spec.yaml), alpha*sign(W) with alpha = flat mean|W|.
 # "official": the official fp32 order of operations, which reproduces the official outputs bit for bit (CPU,
 #     1 thread): straight-through weights W_eff = fl(fl(alpha*sign(W) - clamp(W,-1,1)) + clamp(W,-1,1)) with alpha
-#     as nested means, and the attention's value sum over keys in the order the official 6-D einsum uses.
+#     as nested means, and the attention's value sum over keys in the order the official 6-D einsum uses. Its
+#     gradients are the official straight-through estimators: d W_eff / d W = 1 where |W| <= 1 (alpha and sign
+#     detached), and the activation sign's gradient is ApproxSign's, 2 - 2|x| for |x| < 1 and 0 elsewhere.
 MODES = ("deploy", "official")
 
 # network_g of the official options/{train,test}/*_BI_DiffSR_x{2,4}.yml: x2 and x4 build the same network.

@@ -22,6 +22,22 @@ def timestep_group(t: torch.Tensor, num_groups: int, total_steps: int) -> torch.
     return torch.clamp(torch.div(t0 * num_groups, total_steps, rounding_mode="floor"), 0, num_groups - 1)
 
 
+class _ApproxSignSTE(torch.autograd.Function):
+    """sign(x) forward (sign(0) = 0); backward the derivative of the official ApproxSign polynomial
+    (-1; x^2 + 2x; -x^2 + 2x; 1), i.e. max(0, 2 - 2|x|). The official `sign.detach() - p.detach() + p` has this
+    forward value exactly (ARCHITECTURE.md 3.1) and this gradient, without keeping p's intermediates."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (2.0 - 2.0 * x.abs()).clamp_min(0.0)
+
+
 class Swish(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(x)
@@ -66,7 +82,8 @@ class ScaledSignConv(nn.Module):
         if self.mode == "official":
             alpha = w.abs().mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
             clipped = w.clamp(-1.0, 1.0)
-            return F.conv2d(sign_map, (alpha * torch.sign(w) - clipped) + clipped, padding=padding)
+            w_eff = ((alpha * torch.sign(w)).detach() - clipped.detach()) + clipped  # official STE
+            return F.conv2d(sign_map, w_eff, padding=padding)
         # sums of +-1 and 0 are exact in fp32 (|dot| <= k*k*Cin < 2**24): one rounding, in the alpha product
         dot = F.conv2d(sign_map, torch.sign(w), padding=padding)
         return dot * self.alpha().reshape(1, -1, 1, 1)
@@ -116,8 +133,11 @@ class BIConv(nn.Module):
         return self.binary_conv.alpha().detach().float()
 
     def sign_input(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        """sign(x + beta_g), with sign(0) = 0 (torch.sign)."""
-        return torch.sign(x + self._row("threshold", group))
+        """sign(x + beta_g), with sign(0) = 0 (torch.sign); the official STE's gradient in official arithmetic."""
+        shifted = x + self._row("threshold", group)
+        if self.binary_conv.mode == "official" and torch.is_grad_enabled():
+            return _ApproxSignSTE.apply(shifted)
+        return torch.sign(shifted)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         group = timestep_group(t, self.num_groups, self.total_steps)

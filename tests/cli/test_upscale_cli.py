@@ -37,7 +37,6 @@ def test_ckpt_upscale_end_to_end(bi_ref, lr_png, tmp_path):
 
 @pytest.mark.parametrize("args, text", [
     (["--ckpt", "{ref}/ckpt_small_x4.pth", "{tmp}/missing.png", "{tmp}/o.png"], "no such file or folder"),
-    (["{lr}", "{tmp}/o.png"], "give exactly one model"),
     (["--onnx", "{tmp}/a.onnx", "--ckpt", "{ref}/ckpt_small_x4.pth", "{lr}", "{tmp}/o.png"],
      "give exactly one model"),
     (["--onnx", "{tmp}/missing.onnx", "{lr}", "{tmp}/o.png"], "no such ONNX file"),
@@ -95,3 +94,16 @@ def test_a_scale_other_than_the_recorded_one_is_one_warning(bi_ref, lr_png, tmp_
     assert warnings["3"][0].startswith("bdm: warning: upscaling x3, but ONNX Runtime") and "exported for x4" in \
         warnings["3"][0]
     assert np.asarray(Image.open(tmp_path / "x3.png")).shape == (72, 72, 3)
+
+
+def test_no_model_upscales_x4_with_the_bundled_demo_model_from_any_folder(lr_png, tmp_path):
+    """`bdm upscale in out` alone: the demo model shipped in the package, x4, said in one stderr line; run from
+    a folder that is not the repository, with relative paths."""
+    (tmp_path / "in.png").write_bytes(lr_png.read_bytes())
+    result = run_bdm("upscale", "in.png", "out.png", "--steps", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "bundled demo model" in line]
+    assert len(said) == 1 and said[0].startswith("bdm: no model given; using the bundled demo model "
+                                                 "bi_diffsr_demo_x4.onnx"), result.stderr
+    assert "x4, 3 DDIM steps" in result.stderr and "using x4" not in result.stderr  # scale from the model
+    assert np.asarray(Image.open(tmp_path / "out.png")).shape == (96, 96, 3)

@@ -7,7 +7,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,12 @@ def cuda_tool(name):
         return found
     nvcc = shutil.which("nvcc")
     candidates = [Path(os.path.realpath(nvcc)).parent / name] if nvcc else []
-    candidates += sorted(c for entry in sys.path for c in Path(entry or ".").glob(f"nvidia/cu*/bin/{name}"))
+    try:  # the wheels' namespace package, wherever it is installed (a venv, or the system site of one)
+        import nvidia
+        roots = list(nvidia.__path__)
+    except ImportError:
+        roots = []
+    candidates += sorted(path for root in roots for path in Path(root).glob(f"cu*/bin/{name}"))
     return next((str(c) for c in candidates if c.is_file()), None)
 
 

@@ -264,3 +264,43 @@ def test_model_is_in_eval_mode_and_dropout_is_identity(model, golden):
         first = model(arrays["x"], arrays["c"], torch.tensor([7]))
         second = model(arrays["x"], arrays["c"], torch.tensor([7]))
     assert torch.equal(first, second)
+
+
+def test_official_arithmetic_has_the_official_straight_through_gradients():
+    """Training needs the official STEs: the activation sign passes ApproxSign's derivative max(0, 2 - 2|x|),
+    the weights pass the gradient of clamp(W, -1, 1) (alpha and sign detached). The deploy arithmetic's
+    torch.sign would pass nothing, so a model in it cannot learn its binary convs."""
+    torch.manual_seed(0)
+    conv = BIConv(4, 4, 3, num_groups=5, total_steps=2000)
+    with torch.no_grad():
+        conv.binary_conv.weight[0, 0, 0, 0] = 1.5  # outside the clamp: no gradient
+    x = (torch.randn(1, 4, 6, 6) * 0.8).requires_grad_(True)
+    t = torch.tensor([0])
+    set_mode(conv, "official")
+    upstream = torch.randn(1, 4, 6, 6)
+
+    # Reference gradients from the official expressions themselves (ARCHITECTURE.md 3.1).
+    shifted = x + conv.TaR["dynamic_move_0"].bias
+    p = torch.where(shifted < -1, -torch.ones_like(shifted),
+                    torch.where(shifted < 0, shifted * shifted + 2 * shifted,
+                                torch.where(shifted < 1, -shifted * shifted + 2 * shifted, torch.ones_like(shifted))))
+    sign_map = torch.sign(shifted).detach() - p.detach() + p
+    w = conv.binary_conv.weight
+    alpha = w.abs().mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
+    w_eff = (alpha * torch.sign(w)).detach() - w.clamp(-1, 1).detach() + w.clamp(-1, 1)
+    taa = conv.TaA["dynamic_relu_0"]
+    y = torch.nn.functional.prelu(torch.nn.functional.conv2d(sign_map, w_eff, padding=1) + taa.pr_bias0.bias,
+                                  taa.pr_prelu.weight) + taa.pr_bias1.bias + x
+    want_x, want_w = torch.autograd.grad(y, (x, w), upstream)
+
+    y_ours = conv(x, t)
+    got_x, got_w = torch.autograd.grad(y_ours, (x, w), upstream)
+    assert torch.allclose(y_ours, y, rtol=0, atol=1e-6)
+    assert torch.allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    assert got_w[0, 0, 0, 0] == 0 and (got_w != 0).float().mean() > 0.5
+    assert (got_x - upstream).abs().max() > 0.1  # the binary conv path passes gradient, not only the shortcut
+
+    set_mode(conv, "deploy")
+    deploy_x = torch.autograd.grad(conv(x, t), x, upstream)[0]
+    assert torch.equal(deploy_x, upstream)  # sign passes nothing: only the identity shortcut
