@@ -82,7 +82,7 @@ def upscale(
     threads: Optional[int] = typer.Option(
         None, min=1, help="CPU threads per runner (default: one per core; with --ray: the cores / --workers)."),
     ray: bool = typer.Option(False, "--ray", help="Spread the images over the workers of a Ray cluster "
-                                                  "(needs the extra: pip install 'bdm[ray]')."),
+                                                  "(needs Ray: the 'ray' extra of bdm)."),
     ray_address: Optional[str] = typer.Option(
         None, help="With --ray: the cluster's head node, host:port (default: $RAY_ADDRESS, else start Ray here)."),
     workers: Optional[int] = typer.Option(
