@@ -145,8 +145,9 @@ def plan_outputs(inputs, output: Path, fmt: str) -> List[Tuple[Path, Path]]:
         image_io.check_output(output, has_alpha=False)
         return [(source, output)]
     if output.exists() and not output.is_dir():
-        raise BdmError(f"the input {' '.join(map(str, entries))} is a folder, a pattern or a list of "
-                       f"images, so the output must be a folder; {output} is a file")
+        what = (f"{len(entries)} inputs are given" if len(entries) > 1 else
+                f"input {entries[0]} is a {'folder' if entries[0].is_dir() else 'pattern'}")
+        raise BdmError(f"{what}, so the output must be a folder; {output} is a file")
     for entry in entries:
         if entry.is_dir():
             _refuse_output_inside(entry, output)
@@ -230,8 +231,8 @@ def summary_line(summary: JobSummary, workers: int = 1) -> str:
     done = len(summary.written)
     rates = ""
     if done:
-        per_worker = f" on {workers} workers" if workers > 1 else ""
-        rates = (f"; {done / summary.seconds:.3f} images/s{per_worker}, {summary.seconds / done:.2f} s/image, "
+        spread = f" on {workers} workers" if workers > 1 else ""
+        rates = (f"; {done / summary.seconds:.3f} images/s{spread}, {summary.seconds / done:.2f} s/image, "
                  f"{summary.sampling_seconds / summary.steps:.3f} s/step")
     return (f"bdm: {done} upscaled, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
             f"in {summary.seconds:.1f} s{rates}")
