@@ -2,12 +2,15 @@
 none), an early check that an output path can be written, and the SHA-256 that exports and engines record."""
 
 import contextlib
+import glob
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 from bdm.errors import BdmError
+
+_SUFFIX = ".part"  # temporaries are `.<name>.<random>.part` beside their destination
 
 
 @contextlib.contextmanager
@@ -24,7 +27,7 @@ def atomic_path(path):
     if path.is_dir():
         raise BdmError(f"cannot write {path}: it is a folder; give a file name")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIX, dir=folder)
     except OSError as e:
         raise BdmError(f"cannot write {path}: {e.strerror}; choose another output path") from None
     os.close(fd)
@@ -35,6 +38,15 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_temporaries(path):
+    """Remove the temporaries that a killed writer of `path` left (a process killed outright, as Ray kills
+    actors, runs no cleanup); the caller makes sure no writer of `path` is still running."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def check_output_path(path) -> Path:

@@ -1,8 +1,9 @@
 """`bdm upscale` (the main job) and `bdm bench`."""
 
+import functools
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -39,30 +40,27 @@ def _schedule_options(options: dict) -> dict:
     return {ours: beta[theirs] for theirs, ours in names.items() if theirs in beta}
 
 
-def _make_runner(engine, onnx, ckpt, config, plugins, device, bundled_default=False):
+def _make_runner(engine, onnx, ckpt, config, plugins, device, threads=None):
     from bdm.runtime import backends
 
     chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
-    if not chosen and bundled_default:
-        from bdm.runtime import demo_model
-
-        onnx = demo_model.onnx_path()
-        print(f"bdm: no model given; using the bundled demo model {onnx.name} ({demo_model.SUMMARY})",
-              file=sys.stderr)
-    elif len(chosen) != 1:
+    if len(chosen) != 1:
         raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
                        f"(ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
                        + (f" ({', '.join(chosen)})" if chosen else ""))
     if engine:
         return backends.trt_runner(engine, plugins=plugins)
     if onnx:
-        return backends.OrtRunner(onnx)
-    return backends.TorchRunner(ckpt, config=config, device=device)
+        return backends.OrtRunner(onnx, threads=threads)
+    return backends.TorchRunner(ckpt, config=config, device=device, threads=threads)
 
 
 def upscale(
-    inputs: Path = typer.Argument(..., help="An image (PNG/JPEG/WebP/TIFF), or a folder of images."),
-    output: Path = typer.Argument(..., help="Output image, or a folder (always a folder when the input is one)."),
+    ctx: typer.Context,
+    inputs: List[Path] = typer.Argument(
+        ..., help="An image (PNG/JPEG/WebP/TIFF), a folder of images, or several images, folders and quoted "
+                  "glob patterns ('photos/*.jpg')."),
+    output: Path = typer.Argument(..., help="Output image, or a folder (always a folder for several inputs)."),
     engine: Optional[Path] = typer.Option(None, help="TensorRT engine (backend: TensorRT)."),
     onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: ONNX Runtime; the CPU default)."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint (backend: the PyTorch reference)."),
@@ -83,18 +81,43 @@ def upscale(
         None, help="MiB the network may use per call (default: a quarter of RAM, or the engine's)."),
     fmt: str = typer.Option("png", "--format", help="Output format for folder outputs: png, jpg, webp, tif."),
     overwrite: bool = typer.Option(False, help="Redo outputs that already exist (default: skip them)."),
+    threads: Optional[int] = typer.Option(
+        None, min=1, help="CPU threads per runner (default: one per core; with --ray: the cores / --workers)."),
+    ray: bool = typer.Option(False, "--ray", help="Spread the images over the workers of a Ray cluster "
+                                                  "(needs Ray: the 'ray' extra of bdm)."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="With --ray: the cluster's head node, host:port (default: $RAY_ADDRESS, else start Ray here)."),
+    workers: Optional[int] = typer.Option(
+        None, min=1, help="With --ray: runners on the cluster (default: one per GPU, else cores / --threads)."),
 ):
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint (none
     given: the bundled demo model, x4)."""
     from bdm.runtime.backends import INPUT_NAMES, require_inputs
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
+    if (ray_address or workers) and not ray:
+        raise BdmError("--ray-address and --workers go with --ray; add --ray to run on a Ray cluster")
     plan_outputs(inputs, output, fmt)  # bad paths fail before a model is loaded
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
     options = _options_yaml(config)
     schedule = _schedule_options(options)
-    runner = _make_runner(engine, onnx, ckpt, config, plugins, device, bundled_default=True)
+    if not (engine or onnx or ckpt):
+        from bdm.runtime import demo_model
+
+        onnx = demo_model.onnx_path()
+        print(f"bdm: no model given; using the bundled demo model {onnx.name} ({demo_model.SUMMARY})",
+              file=sys.stderr)
+    make_runner = functools.partial(_make_runner, engine, onnx, ckpt, config, plugins, device)
+    if ray:  # each worker builds its runner from make_runner (picklable): the backend choice made here
+        from bdm.runtime.cluster import RayWorkers, ray_session
+
+        ctx.with_resource(ray_session(ray_address))  # left (workers killed, Ray stopped) when the command ends
+        runner = ctx.with_resource(RayWorkers(make_runner, workers, threads, gpus=device != "cpu"))
+        job = runner.run_job
+    else:
+        runner = make_runner(threads=threads)
+        job = functools.partial(run_job, runner)
     require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
     recorded = getattr(runner, "metadata", {}).get(SCALE_KEY)
     if scale is None:
@@ -112,7 +135,7 @@ def upscale(
         scale=int(scale), steps=int(steps), seed=seed, noise_file=noise_file, tile=tile, tile_overlap=tile_overlap,
         memory_budget=memory_budget << 20 if memory_budget else None, fmt=fmt, overwrite=overwrite,
         schedule=schedule)
-    summary = run_job(runner, inputs, output, settings)
+    summary = job(inputs, output, settings)
     for path in summary.written:
         print(path)
     if summary.failed:

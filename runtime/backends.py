@@ -123,10 +123,13 @@ def _check_file(path: Path, what: str, option: str) -> Path:
 class TorchRunner(Runner):
     """The PyTorch reference: `bdm.load_model(ckpt, config=...)`, or an already built module."""
 
-    def __init__(self, ckpt=None, config=None, device: Optional[str] = None, model=None):
+    def __init__(self, ckpt=None, config=None, device: Optional[str] = None, model=None,
+                 threads: Optional[int] = None):
         import torch
 
         self.torch = torch
+        if threads:  # process-wide in PyTorch: one runner per process (a Ray worker is one)
+            torch.set_num_threads(threads)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -162,7 +165,7 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 class OrtRunner(Runner):
     """ONNX Runtime on an exported model; CUDA EP where onnxruntime-gpu provides it, else CPU."""
 
-    def __init__(self, onnx_path, providers=None):
+    def __init__(self, onnx_path, providers=None, threads: Optional[int] = None):
         import onnxruntime as ort
 
         path = _check_file(onnx_path, "ONNX", "--onnx")
@@ -171,6 +174,8 @@ class OrtRunner(Runner):
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:  # else ONNX Runtime's default: one thread per physical core
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # ORT raises its own exception types for unreadable or invalid models

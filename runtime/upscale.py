@@ -11,6 +11,7 @@ job goes on with the others; the caller turns `JobSummary.failed` into a non-zer
 
 from __future__ import annotations
 
+import glob
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,26 +93,74 @@ class JobSummary:
     steps: int = 0
 
 
-def plan_outputs(inputs: Path, output: Path, fmt: str) -> List[Tuple[Path, Path]]:
-    """(input file, output file) pairs. A folder input maps into an output folder by name and --format."""
-    inputs, output = Path(inputs), Path(output)
-    if inputs.is_dir():
-        if output.exists() and not output.is_dir():
-            raise BdmError(f"input {inputs} is a folder, so the output must be a folder; {output} is a file")
-        suffix = image_io.output_suffix(fmt)
-        files = sorted(p for p in inputs.iterdir()
-                       if p.is_file() and p.suffix.lower() in image_io.INPUT_SUFFIXES)
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in image_io.INPUT_SUFFIXES)
+
+
+def _refuse_output_inside(folder: Path, output: Path):
+    """A later run would take the outputs written inside the input folder for inputs."""
+    folder_abs, output_abs = folder.resolve(), output.resolve()
+    if output_abs == folder_abs or folder_abs in output_abs.parents:
+        raise BdmError(f"output {output} is inside the input folder {folder}, where its images would be read as "
+                       "inputs by the next run; choose an output folder outside it")
+
+
+def _is_pattern(entry: Path) -> bool:
+    return any(c in str(entry) for c in "*?[")
+
+
+def _expand(entry: Path) -> List[Path]:
+    """The images one input names: a file, a folder's images, or a quoted glob pattern's matching images."""
+    if entry.is_dir():
+        files = _images_in(entry)
         if not files:
-            raise BdmError(f"input folder {inputs} holds no images ({', '.join(sorted(image_io.INPUT_SUFFIXES))})")
-        return [(p, output / (p.stem + suffix)) for p in files]
-    if not inputs.exists():
-        raise BdmError(f"input {inputs}: no such file or folder")
-    if output.is_dir():
-        return [(inputs, output / (inputs.stem + image_io.output_suffix(fmt)))]
-    if not output.parent.is_dir():
-        raise BdmError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
-    image_io.check_output(output, has_alpha=False)
-    return [(inputs, output)]
+            raise BdmError(f"input folder {entry} holds no images ({', '.join(sorted(image_io.INPUT_SUFFIXES))})")
+        return files
+    if entry.is_file():
+        return [entry]
+    if _is_pattern(entry):
+        files = sorted(Path(p) for p in glob.glob(str(entry))
+                       if Path(p).is_file() and Path(p).suffix.lower() in image_io.INPUT_SUFFIXES)
+        if not files:
+            raise BdmError(f"input pattern {entry} matches no images "
+                           f"({', '.join(sorted(image_io.INPUT_SUFFIXES))}); check the folder and the pattern")
+        return files
+    raise BdmError(f"input {entry}: no such file or folder")
+
+
+def plan_outputs(inputs, output: Path, fmt: str) -> List[Tuple[Path, Path]]:
+    """(input file, output file) pairs. `inputs`: an image, a folder, or a list of images, folders and quoted glob
+    patterns. One image maps to an output file (or into an output folder); anything else maps into an output
+    folder by name and --format. Several inputs writing one output are refused before any work."""
+    entries = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+    output = Path(output)
+    if len(entries) == 1 and not entries[0].is_dir() and not _is_pattern(entries[0]):
+        (source,) = entries
+        if not source.exists():
+            raise BdmError(f"input {source}: no such file or folder")
+        if output.is_dir():
+            return [(source, output / (source.stem + image_io.output_suffix(fmt)))]
+        if not output.parent.is_dir():
+            raise BdmError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
+        image_io.check_output(output, has_alpha=False)
+        return [(source, output)]
+    if output.exists() and not output.is_dir():
+        what = (f"{len(entries)} inputs are given" if len(entries) > 1 else
+                f"input {entries[0]} is a {'folder' if entries[0].is_dir() else 'pattern'}")
+        raise BdmError(f"{what}, so the output must be a folder; {output} is a file")
+    for entry in entries:
+        if entry.is_dir():
+            _refuse_output_inside(entry, output)
+    suffix = image_io.output_suffix(fmt)
+    files = list(dict.fromkeys(p for entry in entries for p in _expand(entry)))  # each file once, in order
+    pairs = [(p, output / (p.stem + suffix)) for p in files]
+    first_source = {}
+    for source, target in pairs:
+        if target in first_source:
+            raise BdmError(f"inputs {first_source[target]} and {source} would both be written to {target}; "
+                           "rename one of them or upscale them apart")
+        first_source[target] = source
+    return pairs
 
 
 def upscale_picture(runner, picture: image_io.Picture, settings: UpscaleSettings, schedule: Schedule,
@@ -151,43 +200,83 @@ def upscale_picture(runner, picture: image_io.Picture, settings: UpscaleSettings
     return np.ascontiguousarray(rgb, dtype=np.float32), alpha
 
 
+def upscale_file(runner, source: Path, target: Path, settings: UpscaleSettings, schedule: Schedule, budget: int,
+                 progress: Optional[Progress] = None) -> float:
+    """Read one image, upscale it and write it atomically; returns the seconds spent in the sampler.
+    Any failure is a BdmError and leaves `target` as it was."""
+    picture = image_io.read_image(source)
+    image_io.check_output(target, picture.alpha is not None)
+    started = time.perf_counter()
+    rgb, alpha = upscale_picture(runner, picture, settings, schedule, budget, progress, source.name)
+    seconds = time.perf_counter() - started
+    image_io.write_image(target, rgb, alpha, picture.grayscale, picture.bits, picture.icc_profile)
+    return seconds
+
+
+def job_budget(runner, settings: UpscaleSettings) -> int:
+    """Bytes the network may use per call; the same rule everywhere, so every runner tiles an image alike."""
+    return settings.memory_budget or runner.limits.memory_budget or host_memory_budget()
+
+
+def job_header(runner, settings: UpscaleSettings) -> str:
+    return (f"bdm: backend {runner.describe()}; x{settings.scale}, {settings.steps} DDIM steps, "
+            + (f"noise from {settings.noise_file}" if settings.noise_file else f"seed {settings.seed}"))
+
+
+def failure_line(source: Path, message: str) -> str:
+    return f"bdm: error: {message}" if str(source) in message else f"bdm: error: {source}: {message}"
+
+
+def summary_line(summary: JobSummary, workers: int = 1) -> str:
+    done = len(summary.written)
+    rates = ""
+    if done:
+        spread = f" on {workers} workers" if workers > 1 else ""
+        rates = (f"; {done / summary.seconds:.3f} images/s{spread}, {summary.seconds / done:.2f} s/image, "
+                 f"{summary.sampling_seconds / summary.steps:.3f} s/step")
+    return (f"bdm: {done} upscaled, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
+            f"in {summary.seconds:.1f} s{rates}")
+
+
+def skip_done(target: Path, settings: UpscaleSettings, summary: JobSummary, progress: Progress) -> bool:
+    """Resume: an output that exists is kept and counted as skipped, unless settings.overwrite."""
+    if target.exists() and not settings.overwrite:
+        summary.skipped.append(target)
+        progress.message(f"  {target} exists, skipped (--overwrite to redo it)")
+        return True
+    return False
+
+
+def make_folders(pairs: List[Tuple[Path, Path]]):
+    """The output folders of a plan (a single output file's folder already exists, see plan_outputs)."""
+    for folder in dict.fromkeys(target.parent for _, target in pairs):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def run_job(runner, inputs, output, settings: UpscaleSettings, stream: TextIO = sys.stderr) -> JobSummary:
     """Upscale every input; report each failure by name and go on. See the module docstring."""
     pairs = plan_outputs(inputs, output, settings.fmt)
-    if Path(inputs).is_dir():
-        Path(output).mkdir(parents=True, exist_ok=True)
+    make_folders(pairs)
     schedule = ddim_schedule(settings.steps, **settings.schedule)
-    budget = settings.memory_budget or runner.limits.memory_budget or host_memory_budget()
+    budget = job_budget(runner, settings)
     summary = JobSummary()
     progress = Progress(stream, len(pairs))
-    progress.message(f"bdm: backend {runner.describe()}; x{settings.scale}, {len(schedule)} DDIM steps, "
-                     + (f"noise from {settings.noise_file}" if settings.noise_file else f"seed {settings.seed}"))
+    progress.message(job_header(runner, settings))
     started = time.perf_counter()
     for index, (source, target) in enumerate(pairs, 1):
         progress.begin(index, source.name)
-        if target.exists() and not settings.overwrite:
-            summary.skipped.append(target)
-            progress.message(f"  {target} exists, skipped (--overwrite to redo it)")
+        if skip_done(target, settings, summary, progress):
             continue
         try:
-            picture = image_io.read_image(source)
-            image_io.check_output(target, picture.alpha is not None)
-            sampling_started = time.perf_counter()
-            rgb, alpha = upscale_picture(runner, picture, settings, schedule, budget, progress, source.name)
-            sampling_seconds = time.perf_counter() - sampling_started
-            image_io.write_image(target, rgb, alpha, picture.grayscale, picture.bits, picture.icc_profile)
+            sampling_seconds = upscale_file(runner, source, target, settings, schedule, budget, progress)
         except BdmError as e:
             summary.failed.append((source, str(e)))
-            progress.message(f"bdm: error: {e}" if str(source) in str(e) else f"bdm: error: {source}: {e}")
+            progress.message(failure_line(source, str(e)))
             continue
         summary.written.append(target)
         summary.sampling_seconds += sampling_seconds
         summary.steps += len(schedule)
         progress.message(f"  wrote {target}")
     summary.seconds = time.perf_counter() - started
-    done = len(summary.written)
-    rates = (f"; {summary.seconds / done:.2f} s/image, {summary.sampling_seconds / summary.steps:.3f} s/step"
-             if done else "")
-    progress.message(f"bdm: {done} upscaled, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
-                     f"in {summary.seconds:.1f} s{rates}")
+    progress.message(summary_line(summary))
     return summary

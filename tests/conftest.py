@@ -51,3 +51,29 @@ def binarydm_onnx(bdm_ref, tmp_path_factory):
         registry.export_checkpoint(bdm_ref / f"{case}.pt", out, bdm_ref / f"{case}.json",
                                    ExportOptions(validate=False, zero_weight_sign=1), log=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_x4_onnx(bi_ref, tmp_path_factory):
+    """The reduced BI-DiffSR checkpoint exported as `bdm export` writes it (unvalidated: the export is tested in
+    tests/export); a small model for jobs that need an ONNX file."""
+    from bdm.export import registry
+    from bdm.export.base.family import ExportOptions
+
+    out = tmp_path_factory.mktemp("small_x4") / "ckpt_small_x4.onnx"
+    registry.export_checkpoint(bi_ref / "ckpt_small_x4.pth", out, bi_ref / "ckpt_small_x4.yml",
+                               ExportOptions(validate=False), log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster of 2 CPUs for the whole session; its address (host:port), for drivers in this
+    process (already connected) and in subprocesses (`--ray-address`)."""
+    import logging
+
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bdm[ray]')")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

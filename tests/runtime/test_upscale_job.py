@@ -109,3 +109,27 @@ def test_alpha_and_16_bits_survive_the_job(torch_runner, astronaut_lr, tmp_path)
     picture = read_image(summary.written[0])
     assert picture.bits == 16 and picture.rgb.shape == (32, 32, 3)
     assert np.allclose(picture.alpha, 200 / 255, atol=1 / 65535)   # constant alpha stays constant
+
+
+def test_plan_takes_lists_and_patterns_and_refuses_clashes_and_outputs_inside_the_input(tmp_path):
+    from bdm.errors import BdmError
+    from bdm.runtime.upscale import plan_outputs
+
+    for folder, names in (("in", ["a.png", "b.jpg", "notes.txt"]), ("more", ["c.tif", "b.png"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
+    out = tmp_path / "out"
+    pairs = plan_outputs([tmp_path / "in" / "*", tmp_path / "more" / "c.tif"], out, "png")
+    assert pairs == [(tmp_path / "in" / "a.png", out / "a.png"), (tmp_path / "in" / "b.jpg", out / "b.png"),
+                     (tmp_path / "more" / "c.tif", out / "c.png")]   # a pattern takes images only
+    assert plan_outputs([tmp_path / "in" / "a.png"], tmp_path / "x.png", "png") == [(tmp_path / "in" / "a.png",
+                                                                                    tmp_path / "x.png")]
+    with pytest.raises(BdmError, match=r"inputs .*b.jpg and .*b.png would both be written to .*out/b.webp"):
+        plan_outputs([tmp_path / "in", tmp_path / "more"], out, "webp")
+    with pytest.raises(BdmError, match=r"input pattern .*\*.gif matches no images"):
+        plan_outputs([tmp_path / "in" / "*.gif"], out, "png")
+    with pytest.raises(BdmError, match=r"output .*in/x4 is inside the input folder .*in,"):
+        plan_outputs(tmp_path / "in", tmp_path / "in" / "x4", "png")
+    with pytest.raises(BdmError, match="so the output must be a folder"):
+        plan_outputs([tmp_path / "in" / "a.png", tmp_path / "more" / "c.tif"], tmp_path / "in" / "a.png", "png")
