@@ -3,19 +3,26 @@
 - libbdm_kernels.so: the CUDA kernels and their C ABI (needs nvcc; no TensorRT).
 - libbdm_trt_plugins.so: the TensorRT IPluginV3 adapters (needs TensorRT headers of the runtime's major).
 - bdm_plugin_harness: the host-only creator test.
+- libbdm_cpu_kernels.so: the bit-packed CPU kernels (needs only a C++ compiler; no CMake, CUDA or torch headers),
+  built on first use into a cache folder keyed by the sources' hash (bdm.plugins.cpu_kernels).
 
-`python -m bdm.plugins.build [BUILD_DIR] [--tensorrt-include DIR]` builds them; the default folder is
-build/plugins under the repository root (or $BDM_PLUGINS_BUILD_DIR).
+`python -m bdm.plugins.build [BUILD_DIR] [--tensorrt-include DIR]` builds the CUDA ones; the default folder is
+build/plugins under the repository root (or $BDM_PLUGINS_BUILD_DIR). `python -m bdm.plugins.build --cpu` builds the
+CPU kernels (folder: $BDM_CPU_KERNELS_CACHE, else $XDG_CACHE_HOME/bdm/cpu-kernels or ~/.cache/bdm/cpu-kernels).
 """
 
 import argparse
+import concurrent.futures
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from bdm.errors import BdmError
 
@@ -119,12 +126,132 @@ def _run(cmd, env, what) -> str:
     return proc.stdout + proc.stderr
 
 
+# ---- the CPU kernels: one shared library from plain C++, built by the system compiler --------------------------
+
+CPU_LIB = "libbdm_cpu_kernels.so"
+CPU_BUILD_NOTICE = "building the bdm CPU kernels for this machine (once)"
+CPU_SOURCES = ["common/bdm_cpu.cpp", "common/cpu_dispatch.cpp", "common/cpu_isa_portable.cpp",
+               "common/cpu_isa_avx2.cpp", "common/cpu_isa_avx512.cpp", "binary_conv/binary_conv_cpu.cpp",
+               "multibasis_conv/multibasis_conv_cpu.cpp"]
+CPU_HEADER_PATTERNS = ["common/bdm_status.h", "common/bdm_cpu.h", "common/cpu_*.h", "*/*_cpu*.h"]
+# -ffp-contract=off: no a*b+c contracted into one FMA rounding (the outputs are bit-identical to the reference).
+# -fopenmp: the library links libgomp.so.1, the soname of the OpenMP runtime the torch wheel loads, so after torch it
+# shares torch's thread pool.
+CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
+# The per-ISA translation units get their instruction sets here (x86-64 only; elsewhere those files are empty), the
+# rest is compiled for the baseline, so one library loads on every CPU and picks its path at run time.
+CPU_ISA_FLAGS = {
+    "common/cpu_isa_avx2.cpp": ["-mavx2", "-mpopcnt"],
+    "common/cpu_isa_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vpopcntdq",
+                                  "-mpopcnt"],
+}
+CXX_CANDIDATES = ("c++", "g++", "clang++")
+
+
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_cache_dir() -> Path:
+    explicit = os.environ.get("BDM_CPU_KERNELS_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bdm" / "cpu-kernels"
+
+
+def find_cxx() -> str:
+    """$CXX, else the first of c++, g++, clang++ on PATH."""
+    explicit = os.environ.get("CXX")
+    candidates = [explicit] if explicit else list(CXX_CANDIDATES)
+    for name in candidates:
+        found = shutil.which(name)
+        if found:
+            return found
+    wanted = f"$CXX ({explicit})" if explicit else " or ".join(CXX_CANDIDATES)
+    raise BdmError(f"building the bdm CPU kernels needs a C++ compiler: {wanted} is not on PATH; install g++ "
+                   f"(e.g. `apt-get install g++`) or set $CXX")
+
+
+def _cpu_source_files() -> List[Path]:
+    files = {PLUGINS_DIR / s for s in CPU_SOURCES}
+    for pattern in CPU_HEADER_PATTERNS:
+        files.update(PLUGINS_DIR.glob(pattern))
+    return sorted(files)
+
+
+def _compile_commands(cxx: str, out_dir: Path) -> List[List[str]]:
+    commands = []
+    for source in CPU_SOURCES:
+        extra = CPU_ISA_FLAGS.get(source, []) if _is_x86_64() else []
+        obj = out_dir / (source.replace("/", "_") + ".o")
+        commands.append([cxx, *CPU_FLAGS, *extra, "-c", str(PLUGINS_DIR / source), "-o", str(obj)])
+    return commands
+
+
+def cpu_build_key(cxx: str) -> str:
+    """Hash of what the library is made of: sources, flags, compiler (path and version) and machine."""
+    digest = hashlib.sha256()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    for part in [cxx, *version, platform.machine(), *CPU_FLAGS, repr(sorted(CPU_ISA_FLAGS.items()))]:
+        digest.update(part.encode() + b"\0")
+    for path in _cpu_source_files():
+        digest.update(str(path.relative_to(PLUGINS_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def find_cpu_library() -> Optional[Path]:
+    """The built CPU library for the current sources and compiler, or None."""
+    candidate = cpu_cache_dir() / cpu_build_key(find_cxx()) / CPU_LIB
+    return candidate if candidate.is_file() else None
+
+
+def build_cpu(announce: bool = True) -> Path:
+    """Build libbdm_cpu_kernels.so unless the cache holds one of these sources; return its path. Atomic: objects and
+    the library are made in a private temporary folder and the library renamed into place, so concurrent builders
+    (two processes on first use) both end with a complete file. BdmError (one line) without a compiler or on failure."""
+    cxx = find_cxx()
+    target = cpu_cache_dir() / cpu_build_key(cxx) / CPU_LIB
+    if target.is_file():
+        return target
+    if announce:
+        print(CPU_BUILD_NOTICE, file=sys.stderr, flush=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+            tmp_dir = Path(tmp)
+            commands = _compile_commands(cxx, tmp_dir)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), commands):
+                    _check_compiler(result, cxx)
+            library = tmp_dir / CPU_LIB
+            objects = [cmd[-1] for cmd in commands]
+            _check_compiler(subprocess.run([cxx, "-shared", "-fopenmp", *objects, "-o", str(library)],
+                                           capture_output=True, text=True), cxx)
+            os.replace(library, target)
+    except OSError as e:
+        raise BdmError(f"building the bdm CPU kernels in {target.parent} failed: {e}") from None
+    return target
+
+
+def _check_compiler(result: subprocess.CompletedProcess, cxx: str) -> None:
+    if result.returncode == 0:
+        return
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    first_error = next((line for line in lines if "error" in line), lines[-1] if lines else "no output")
+    raise BdmError(f"building the bdm CPU kernels with {cxx} failed (exit {result.returncode}): {first_error.strip()}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bdm.plugins.build", description=__doc__.splitlines()[0])
     parser.add_argument("build_dir", nargs="?", type=Path, default=None)
     parser.add_argument("--tensorrt-include", default=None, help="TensorRT include folder ('' to skip the adapter)")
     parser.add_argument("--cuda-architectures", default=None, help="override, e.g. '90-real' for a quick local build")
+    parser.add_argument("--cpu", action="store_true",
+                        help="build the CPU kernels (libbdm_cpu_kernels.so) with the system C++ compiler instead")
     args = parser.parse_args(argv)
+    if args.cpu:
+        return _main_cpu()
     try:
         result = build(args.build_dir, args.tensorrt_include, args.cuda_architectures)
     except BdmError as e:
@@ -135,6 +262,19 @@ def main(argv=None):
         print(f"TensorRT plugins: {result.plugins} (TensorRT {result.tensorrt_version} headers)")
     else:
         print("TensorRT plugins: skipped, no TensorRT headers (set TENSORRT_ROOT or TensorRT_INCLUDE_DIR)")
+    return 0
+
+
+def _main_cpu() -> int:
+    from bdm.plugins import cpu_kernels
+
+    try:
+        path = build_cpu()
+        kernels = cpu_kernels.load()
+    except BdmError as e:
+        print(f"bdm: error: {e}", file=sys.stderr)
+        return 2
+    print(f"CPU kernels: {path} (path {kernels.isa}, {kernels.threads} threads)")
     return 0
 
 

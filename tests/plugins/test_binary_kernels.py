@@ -10,8 +10,6 @@ integer dot product is exact and every epilogue step is one IEEE float32 operati
 difference is a bug, not rounding.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -162,33 +160,7 @@ def test_arguments_outside_the_spec_are_refused(library):
                               out_channels=8, kernel_size=3, library=library)
 
 
-# ---- the network's own layers on the reference goldens' inputs ----------------------------------------------
-
-GOLDEN_TIMESTEPS = [1960, 1599, 1000, 400, 399]  # groups 4, 3, 2, 1, 0
-
-
-@pytest.fixture(scope="module")
-def golden_layer_io(bi_ref):
-    """(layer name, t, BIConv, input, output) of every BIConv of the small checkpoint on net_golden's x and c,
-    the network in its deploy arithmetic (the op spec's)."""
-    import bdm
-    from bdm.export.bidiffsr import biconvs
-
-    model = bdm.load_model(bi_ref / "ckpt_small_x4.pth", config=bi_ref / "ckpt_small_x4.yml")
-    arrays = np.load(bi_ref / "net_golden.npz")
-    x_t, cond = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["c"])
-    records = []
-    for t0 in GOLDEN_TIMESTEPS:
-        t = torch.tensor([[t0]], dtype=torch.int64)
-        hooks = [module.register_forward_hook(
-            lambda m, args, out, name=name, t0=t0: records.append((name, t0, m, args[0].detach(), out.detach())))
-            for name, module in biconvs(model)]
-        with torch.no_grad():
-            model(x_t, cond, t)
-        for h in hooks:
-            h.remove()
-    assert len(records) == 56 * len(GOLDEN_TIMESTEPS)
-    return records
+# ---- the network's own layers on the reference goldens' inputs (fixture golden_layer_io: conftest.py) -------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
