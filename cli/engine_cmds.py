@@ -67,6 +67,17 @@ def _onnxruntime_line() -> str:
     return f"ONNX Runtime: {ort.__version__}, providers {', '.join(ort.get_available_providers())}"
 
 
+def _cpu_path_line() -> str:
+    """Which CPU path runs an exported model where ONNX Runtime has no GPU (`--onnx`, `bdm validate`)."""
+    from bdm.runtime.kernel_runner import KernelsRefused, load_kernels
+
+    try:
+        kernels = load_kernels()
+    except KernelsRefused as e:
+        return f"CPU path: ONNX Runtime with the function bodies ({e})"
+    return f"CPU path: bdm CPU kernels, instruction set {kernels.isa}, {kernels.threads} threads"
+
+
 def _plugin_lines(trt) -> Tuple[List[str], Optional[Path]]:
     from bdm.plugins import build as plugin_build
     from bdm.runtime.trt_backend import file_sha256
@@ -105,6 +116,7 @@ def doctor():
     lines = [f"bdm {bdm.__version__}, Python {platform.python_version()}, {platform.platform()}"]
     lines += _gpu_lines()
     lines.append(_onnxruntime_line())
+    lines.append(_cpu_path_line())
     try:
         import tensorrt as trt
         lines.append(f"TensorRT: {trt.__version__}")

@@ -43,12 +43,12 @@ def _make_runner(engine, onnx, ckpt, config, plugins, device):
     chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
     if len(chosen) != 1:
         raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
-                       f"(ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
+                       f"(bdm CPU kernels or ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
                        + (f" ({', '.join(chosen)})" if chosen else ""))
     if engine:
         return backends.trt_runner(engine, plugins=plugins)
     if onnx:
-        return backends.OrtRunner(onnx)
+        return backends.onnx_runner(onnx)
     return backends.TorchRunner(ckpt, config=config, device=device)
 
 
@@ -56,7 +56,8 @@ def upscale(
     inputs: Path = typer.Argument(..., help="An image (PNG/JPEG/WebP/TIFF), or a folder of images."),
     output: Path = typer.Argument(..., help="Output image, or a folder (always a folder when the input is one)."),
     engine: Optional[Path] = typer.Option(None, help="TensorRT engine (backend: TensorRT)."),
-    onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: ONNX Runtime; the CPU default)."),
+    onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: the bdm CPU kernels, else ONNX Runtime; "
+                                                   "the CPU default)."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint (backend: the PyTorch reference)."),
     config: Optional[Path] = typer.Option(
         None, help="Official options YAML: network for --ckpt; scale and beta_schedule for every backend."),

@@ -14,7 +14,9 @@ smallest/largest H and W, the dtype it computes in) and where the sampler state 
 
 - `TorchRunner`: the PyTorch reference model (`bdm.load_model`), on CPU or a CUDA GPU.
 - `OrtRunner`: an exported ONNX file in ONNX Runtime, with the CUDA execution provider when
-  onnxruntime-gpu offers it, else the CPU provider.
+  onnxruntime-gpu offers it, else the CPU provider (the `bdm` nodes as their function bodies).
+- `CpuKernelRunner` (runtime/kernel_runner.py): an exported ONNX file on the CPU with the `bdm` nodes on the
+  bit-packed CPU kernels; `onnx_runner` chooses it for `--onnx` where ONNX Runtime has no GPU.
 - `TrtRunner` (runtime/trt_backend.py, needs TensorRT): a serialized engine with the bdm plugins.
 
 A runner that keeps the state on a device returns device arrays from `to_device` and `infer`; the sampler
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -193,6 +196,23 @@ class OrtRunner(Runner):
             ort_feed["t"] = np.broadcast_to(ort_feed["t"], ort_feed["x_t"].shape[:1]).copy()
         (eps,) = self.session.run([OUTPUT_NAME], ort_feed)
         return {OUTPUT_NAME: eps.astype(np.float32, copy=False)}
+
+
+def onnx_runner(onnx_path, stream=None) -> Runner:
+    """The runner of `--onnx`: ONNX Runtime where onnxruntime-gpu has the CUDA provider; on the CPU the bdm kernels
+    runner, or, where the kernels cannot load or run a node of this model, ONNX Runtime with the function bodies,
+    said in one line on `stream` (default stderr)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return OrtRunner(onnx_path)
+    from bdm.runtime.kernel_runner import CpuKernelRunner, KernelsRefused
+
+    try:
+        return CpuKernelRunner(onnx_path)
+    except KernelsRefused as e:
+        print(f"bdm: {e}; running it in ONNX Runtime with the function bodies instead", file=stream or sys.stderr)
+    return OrtRunner(onnx_path)
 
 
 def trt_runner(engine_path, plugins=None):

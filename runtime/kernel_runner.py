@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from bdm.errors import BdmError
-from bdm.plugins import spec
+from bdm.plugins import cpu_kernels, spec
 from bdm.plugins.reference import complete_attributes
 from bdm.runtime.backends import OUTPUT_NAME, Limits, Runner, model_input_names
 from bdm.runtime.execution_plan import ExecutionPlan
@@ -31,7 +31,7 @@ from bdm.runtime.torch_ops import NodeView, Unsupported
 DOMAIN = spec.common()["domain"]
 # The inputs of each kernel op that the kernels take on every call; the others are weights and tables, handed over
 # once when the plan is built (the CpuKernels.prepare contract).
-RUNTIME_INPUTS = {"BinaryConv2d": ("x", "t"), "BinarySignConv2d": ("x",), "MultiBasisConv": ("x", "act_step")}
+RUNTIME_INPUTS = cpu_kernels.RUNTIME_INPUTS
 
 
 class KernelsRefused(BdmError):
@@ -64,7 +64,10 @@ def _kernel_converter(kernels, op_type: str):
             if value is None:
                 node.refuse(f"its input {name} is computed in the graph; the CPU kernels take it as a weight")
             constants[name] = value.numpy()
-        prepared = kernels.prepare(op_type, attributes, constants)
+        try:
+            prepared = kernels.prepare(op_type, attributes, constants)
+        except cpu_kernels.CpuKernelsUnavailable as e:
+            node.refuse(f"the CPU kernels do not support it: {e}")
         positions = [names.index(n) for n in runtime]
 
         def run(*inputs):
@@ -118,10 +121,6 @@ def _timestep_rprelu(node: NodeView):
 
 def load_kernels():
     """The CPU kernels (built on first use), or KernelsRefused saying why they cannot load here."""
-    try:
-        from bdm.plugins import cpu_kernels
-    except ImportError as e:
-        raise KernelsRefused(f"the bdm CPU kernels are not part of this installation ({e})") from None
     try:
         return cpu_kernels.load()
     except cpu_kernels.CpuKernelsUnavailable as e:

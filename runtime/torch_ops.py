@@ -407,7 +407,7 @@ CONVERTERS: Dict[str, Callable[[NodeView], Callable]] = {
 }
 
 # Ops whose output never shares memory with an input (the plan may then update it in place once its last reader
-# has run); every other op may return a view of an input.
+# has run); every other op may return a view of its first input (and of no other).
 FRESH_OUTPUT = frozenset({"Abs", "Add", "Sub", "Mul", "Div", "Sqrt", "Sin", "Cos", "Sigmoid", "Equal", "MatMul",
                           "Where", "Clip", "Concat", "Conv", "Gemm", "InstanceNormalization", "Softmax",
                           "ReduceMean", "Einsum", "QuantizeLinear", "DequantizeLinear", "ConstantOfShape", "Shape",

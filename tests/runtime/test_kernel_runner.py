@@ -1,0 +1,228 @@
+"""CpuKernelRunner (runtime/kernel_runner.py) and its execution plan (runtime/execution_plan.py, plan_fusion.py):
+the exported files of both families against ONNX Runtime with the real CPU kernels and with the spec's NumPy
+reference behind the same contract; weights prepared once; the prologue cache; liveness and in-place updates;
+fusions; refusals and the fallback to ONNX Runtime in one line."""
+
+import gc
+import weakref
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from bdm.errors import BdmError
+from bdm.export.validate import group_boundaries, validation_feeds
+from bdm.plugins import cpu_kernels
+from bdm.runtime import backends
+from bdm.runtime.backends import OrtRunner
+from bdm.runtime.execution_plan import ExecutionPlan
+from bdm.runtime.kernel_runner import CpuKernelRunner, KernelsRefused
+
+from reference_kernels import ReferenceKernels  # tests/runtime
+
+BOUND = 1e-5  # the validation bound: max|ours - onnxruntime| <= 1e-5 * max|onnxruntime|
+
+
+def real_kernels():
+    try:
+        return cpu_kernels.load()
+    except cpu_kernels.CpuKernelsUnavailable as e:
+        pytest.skip(f"the CPU kernels cannot load here: {e}")
+
+
+@pytest.fixture(params=["cpu-kernels", "numpy-reference"])
+def kernels(request):
+    return real_kernels() if request.param == "cpu-kernels" else ReferenceKernels()
+
+
+def rel(reference, other):
+    return float(np.abs(other - reference).max() / np.abs(reference).max())
+
+
+def test_bidiffsr_exports_match_onnxruntime_at_every_group_boundary(small_x4_onnx, small_x4_unfused_onnx, kernels):
+    feeds = validation_feeds((2, 16, 24), group_boundaries(5, 2000), np.float32)
+    for path in (small_x4_onnx, small_x4_unfused_onnx):
+        ours, theirs = CpuKernelRunner(path, kernels=kernels), OrtRunner(path)
+        errors = [rel(theirs.infer(f)["eps"], ours.infer(f)["eps"]) for f in feeds]
+        assert max(errors) <= BOUND, (path.name, errors)
+
+
+@pytest.mark.parametrize("mode", ["static", "w1a32", "fp"])
+def test_binarydm_exports_match_onnxruntime(unet_onnx, mode):
+    """Static mode's codes agree on these feeds; dynamic mode's rounding-level code flips are judged by the
+    validation's diagnosis (tests/export/test_onnx_validate.py)."""
+    ours, theirs = CpuKernelRunner(unet_onnx[mode], kernels=real_kernels()), OrtRunner(unet_onnx[mode])
+    rng = np.random.default_rng(0)
+    for t in (999, 500, 1):
+        feed = {"x_t": rng.standard_normal((2, 3, 32, 32), dtype=np.float32), "t": np.array([t, t])}
+        assert rel(theirs.infer(feed)["eps"], ours.infer(feed)["eps"]) <= BOUND
+
+
+def test_weights_are_prepared_once_and_the_prologue_is_cached_per_shape_and_t(small_x4_onnx):
+    kernels = ReferenceKernels()
+    runner = CpuKernelRunner(small_x4_onnx, kernels=kernels)
+    onnx_model = onnx.load(str(small_x4_onnx))
+    bdm_nodes = [n for n in onnx_model.graph.node if n.domain == "bdm"]
+    assert len(kernels.prepared) == len(bdm_nodes) == 56
+    assert all(names == ["alpha", "bias0", "bias1", "slope", "threshold", "weight"]
+               for _, _, names in kernels.prepared)
+    assert kernels.prepared[0][1] == {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "num_groups": 5,
+                                      "total_steps": 2000, "pad_value": 0, "residual": 1}
+
+    calls = []
+    plan = runner.plan
+    for index in plan.prologue:
+        node = plan.nodes[index]
+        original = node.fn
+        node.fn = lambda *a, original=original, name=node.name: calls.append(name) or original(*a)
+    plan._compile()   # the steps pick up the counting functions
+    feed = validation_feeds((1, 16, 16), [700], np.float32)[0]
+    first = runner.infer(feed)["eps"]
+    per_run = len(calls)
+    assert per_run == len(plan.prologue) > 100
+    assert np.array_equal(runner.infer(feed)["eps"], first) and len(calls) == per_run      # same shapes and t
+    other_t = dict(feed, t=np.array([1500]))
+    runner.infer(other_t)
+    assert len(calls) == 2 * per_run
+    larger = validation_feeds((1, 24, 16), [1500], np.float32)[0]
+    runner.infer(larger)
+    assert len(calls) == 3 * per_run
+    assert len(kernels.prepared) == 56
+
+
+def test_fused_plan_equals_the_unfused_plan(small_x4_onnx, unet_onnx):
+    for path, feed in ((small_x4_onnx, validation_feeds((2, 16, 16), [1999], np.float32)[0]),
+                       (unet_onnx["fp"], {"x_t": np.random.default_rng(2).standard_normal((2, 3, 32, 32),
+                                                                                         dtype=np.float32),
+                                          "t": np.array([400, 400])})):
+        fused = CpuKernelRunner(path, kernels=ReferenceKernels())
+        plain = CpuKernelRunner(path, kernels=ReferenceKernels(), fuse=False)
+        counts = {op: [n.op_type for n in fused.plan.nodes].count(op) for op in ("GroupNorm", "SiLU")}
+        assert counts["GroupNorm"] == sum(n.op_type == "InstanceNormalization" for n in plain.plan.nodes)
+        assert not any(n.op_type in ("InstanceNormalization", "Sigmoid") for n in fused.plan.nodes)
+        assert len(fused.plan.nodes) < len(plain.plan.nodes)
+        assert rel(plain.infer(feed)["eps"], fused.infer(feed)["eps"]) <= BOUND
+
+
+# --- plan mechanics on small graphs -------------------------------------------------------------------------
+
+def chain_model(nodes, inputs=("x",), outputs=("y",), initializers=()):
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                               for n in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+                              list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("test", 1)])
+
+
+def test_intermediates_are_released_after_their_last_reader():
+    """x -> a -> b -> c -> y: when a node runs, the tensors no later node reads are gone."""
+    outputs = {"A": "a", "B": "b", "C": "c", "D": "y"}
+    produced, alive_at = {}, {}
+
+    def converter(view):
+        def run(x):
+            alive_at[view.name] = {name: ref() is not None for name, ref in produced.items()}
+            y = x + 1
+            produced[outputs[view.name]] = weakref.ref(y)
+            return y
+        return run
+
+    nodes = [helper.make_node("Step", [i], [outputs[n]], name=n, domain="test")
+             for n, i in (("A", "x"), ("B", "a"), ("C", "b"), ("D", "c"))]
+    plan = ExecutionPlan(chain_model(nodes), {("test", "Step"): converter})
+    gc.disable()
+    try:
+        y = plan.run({"x": torch.zeros(3)})["y"]
+    finally:
+        gc.enable()
+    assert alive_at["C"] == {"a": False, "b": True}
+    assert alive_at["D"] == {"a": False, "b": False, "c": True}
+    assert torch.equal(y, torch.full((3,), 4.0))
+
+
+def test_elementwise_ops_update_a_dying_input_in_place_and_nothing_else():
+    w = onnx.numpy_helper.from_array(np.full((1, 3), 2.0, np.float32), "w")
+    nodes = [helper.make_node("Mul", ["x", "w"], ["a"]),            # x is the caller's: never in place
+             helper.make_node("Add", ["a", "w"], ["b"]),            # a dies here: in place
+             helper.make_node("Reshape", ["b", "shape"], ["v"]),    # v is a view of b ...
+             helper.make_node("Add", ["b", "w"], ["c"]),            # ... read below: b is not updated in place
+             helper.make_node("Add", ["v", "c"], ["y"])]            # b (and v) die here: in place
+    shape = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
+    plan = ExecutionPlan(chain_model(nodes, initializers=[w, shape]))
+    in_place = [step[0] is node.in_place for step, node in zip(plan._steps[False], plan.nodes)]
+    assert in_place == [False, True, False, False, True]
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    before = x.clone()
+    y = plan.run({"x": x})["y"]
+    assert torch.equal(x, before)
+    b = before * 2 + 2
+    assert torch.equal(y, b + (b + 2))
+
+
+# --- refusals and the fallback --------------------------------------------------------------------------------
+
+def test_a_node_the_kernels_refuse_refuses_the_model_in_one_line(small_x4_onnx):
+    with pytest.raises(KernelsRefused, match=r"small_x4.onnx: node /downs.1/res_block/block1/conv/BinaryConv2d "
+                                             r"\(BinaryConv2d\): the CPU kernels do not support it: no tiles today$"):
+        CpuKernelRunner(small_x4_onnx, kernels=ReferenceKernels(refuse={"BinaryConv2d": "no tiles today"}))
+
+
+def test_an_fp16_export_and_weights_computed_in_the_graph_are_refused(bi_ref, small_x4_onnx, tmp_path):
+    from bdm.export.onnx_export import export_checkpoint
+
+    fp16 = tmp_path / "fp16.onnx"
+    export_checkpoint(bi_ref / "ckpt_small_x4.pth", fp16, config=bi_ref / "ckpt_small_x4.yml", dtype="fp16",
+                      validate=False, log=lambda line: None)
+    with pytest.raises(KernelsRefused, match="computes in float16; the CPU kernels run float32 exports"):
+        CpuKernelRunner(fp16, kernels=ReferenceKernels())
+    model = onnx.load(str(small_x4_onnx))
+    node = next(n for n in model.graph.node if n.op_type == "BinaryConv2d")
+    zero = onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    model.graph.initializer.append(zero)
+    model.graph.node.insert(0, helper.make_node("ReduceMean", ["x_t"], ["mean"], keepdims=0))
+    model.graph.node.insert(1, helper.make_node("Mul", ["mean", "zero"], ["nothing"]))
+    model.graph.node.insert(2, helper.make_node("Add", [node.input[3], "nothing"], ["alpha_at_run_time"]))
+    node.input[3] = "alpha_at_run_time"
+    computed = tmp_path / "computed.onnx"
+    onnx.save(model, str(computed))
+    with pytest.raises(KernelsRefused, match=r"\(BinaryConv2d\): its input alpha is computed in the graph; the CPU "
+                                             r"kernels take it as a weight"):
+        CpuKernelRunner(computed, kernels=ReferenceKernels())
+
+
+def test_onnx_runner_falls_back_to_onnxruntime_with_one_line(small_x4_onnx, monkeypatch, capsys):
+    from bdm.runtime import kernel_runner
+
+    def unavailable():
+        raise KernelsRefused("the bdm CPU kernels cannot load: no C++ compiler")
+
+    monkeypatch.setattr(kernel_runner, "load_kernels", unavailable)
+    runner = backends.onnx_runner(small_x4_onnx)
+    assert isinstance(runner, OrtRunner)
+    assert capsys.readouterr().err.splitlines() == [
+        "bdm: the bdm CPU kernels cannot load: no C++ compiler; running it in ONNX Runtime with the function bodies "
+        "instead"]
+
+
+def test_onnx_runner_is_the_kernels_runner_where_they_load(small_x4_onnx, capsys):
+    real_kernels()
+    runner = backends.onnx_runner(small_x4_onnx)
+    assert isinstance(runner, CpuKernelRunner) and capsys.readouterr().err == ""
+    assert runner.name == f"bdm CPU kernels ({runner.kernels.isa}, {runner.kernels.threads} threads)"
+
+
+def test_a_missing_or_broken_file_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(BdmError, match="no such ONNX file"):
+        backends.onnx_runner(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(BdmError, match="is not an ONNX model") as raised:
+        CpuKernelRunner(tmp_path / "junk.onnx", kernels=ReferenceKernels())
+    assert not isinstance(raised.value, KernelsRefused)
+
+
+def test_close_releases_the_plan(small_x4_onnx):
+    with CpuKernelRunner(small_x4_onnx, kernels=ReferenceKernels()) as runner:
+        runner.infer(validation_feeds((1, 8, 8), [0], np.float32)[0])
+    assert runner.plan is None
