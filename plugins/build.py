@@ -135,9 +135,12 @@ CPU_SOURCES = ["common/bdm_cpu.cpp", "common/cpu_dispatch.cpp", "common/cpu_isa_
                "multibasis_conv/multibasis_conv_cpu.cpp"]
 CPU_HEADER_PATTERNS = ["common/bdm_status.h", "common/bdm_cpu.h", "common/cpu_*.h", "*/*_cpu*.h"]
 # -ffp-contract=off: no a*b+c contracted into one FMA rounding (the outputs are bit-identical to the reference).
+# -fno-trapping-math: floating-point exceptions are not observed, so a compare-select (PReLU, clamp) may compute both
+# sides and vectorise; no value changes (no reassociation, signed zeros and NaNs kept: no -ffast-math).
 # -fopenmp: the library links libgomp.so.1, the soname of the OpenMP runtime the torch wheel loads, so after torch it
 # shares torch's thread pool.
-CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
+CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden",
+             "-fopenmp"]
 # The per-ISA translation units get their instruction sets here (x86-64 only; elsewhere those files are empty), the
 # rest is compiled for the baseline, so one library loads on every CPU and picks its path at run time.
 CPU_ISA_FLAGS = {

@@ -323,7 +323,7 @@ class _PreparedBinaryConv(_Prepared):
 
 
 class _PreparedMultibasisConv(_Prepared):
-    """act_bits 4 / 8 on the popcount kernels; every form as a 2-D conv (linear: the batch along one row)."""
+    """act_bits 4 / 8 on the popcount kernels; every form as a 2-D conv."""
 
     def __init__(self, kernels: CpuKernels, attrs: dict, constants: dict):
         super().__init__(kernels, "MultiBasisConv", attrs)
@@ -346,32 +346,25 @@ class _PreparedMultibasisConv(_Prepared):
         x = self._activation(x, 2 + dims)
         cout = self.attributes["out_channels"]
         step = float(torch.as_tensor(act_step, dtype=torch.float32).reshape(-1)[0])
-        if dims == 0:  # linear: the batch as one row of pixels, so the tiles run along it
-            x4 = x.t().contiguous().reshape(1, x.shape[1], 1, x.shape[0])
-        else:
-            x4 = x.reshape((x.shape[0], x.shape[1]) + (1,) * (2 - dims) + tuple(x.shape[2:]))
+        x4 = x.reshape((x.shape[0], x.shape[1]) + (1,) * (2 - dims) + tuple(x.shape[2:]))  # every form as conv2d
         n, _, h, w = x4.shape
         k, stride, padding = (self.attributes[a] for a in ("kernel_size", "stride", "padding"))
         out_size = self._lib.bdm_multibasis_conv_cpu_out_size
         out_h = out_size(h, k, stride, padding) if dims == 2 else 1
-        out_w = out_size(w, k, stride, padding) if dims >= 1 else w
+        out_w = out_size(w, k, stride, padding) if dims >= 1 else 1
         if out_h <= 0 or out_w <= 0:
             raise BdmError(f"MultiBasisConv: x of shape {list(x.shape)} is shorter than the kernel ({k}) with "
                            f"padding {padding}")
         y = torch.empty((n, cout, out_h, out_w), dtype=torch.float32)
         if y.numel() == 0:
-            return y.reshape(self._output_shape(x, y))
+            return y.reshape(self._output_shape(y))
         call = _MultibasisCall(x4.data_ptr(), y.data_ptr(), n, h, w, step, self._kernels.threads)
         self._check(self._lib.bdm_multibasis_conv_cpu_run(self._handle_value, ctypes.byref(call)), self.op_type)
-        if dims == 0:
-            return y.reshape(cout, x.shape[0]).t().contiguous()
-        return y.reshape(self._output_shape(x, y))
+        return y.reshape(self._output_shape(y))
 
-    def _output_shape(self, x, y) -> tuple:
-        dims = self.attributes["spatial_dims"]
-        if dims == 0:
-            return (x.shape[0], self.attributes["out_channels"])
-        return tuple(y.shape[:2]) + tuple(y.shape[4 - dims:])
+    def _output_shape(self, y) -> tuple:
+        """y's [N, O, out_h, out_w] in the node's form: spatial_dims trailing axes."""
+        return tuple(y.shape[:2]) + tuple(y.shape[4 - self.attributes["spatial_dims"]:])
 
 
 class _FloatMultibasisConv(_Prepared):

@@ -73,24 +73,34 @@ inline PlaneLayout planeLayout(int planes, int words, int stride, int paddedWidt
     return l;
 }
 
-// One tile: kTileChannels channels x kTileWidth consecutive output pixels of output row oh.
+// Offset of tap (i, j)'s first word (plane 0, word 0) from the tile's origin, the first word of output pixel
+// (oh, ow0)'s window: row oh * stride + i, phase j % stride, index ow0 + j / stride. Computed once per call (no integer
+// division in the tile).
+inline void tapOffsets(PlaneLayout const& l, int kernelH, int kernelW, long long* offsets)
+{
+    for (int i = 0; i < kernelH; ++i)
+    {
+        for (int j = 0; j < kernelW; ++j)
+        {
+            offsets[i * kernelW + j] = i * l.rowStride + static_cast<long long>(j % l.stride) * l.phaseWidth + j / l.stride;
+        }
+    }
+}
+
+// One tile: kTileChannels channels x kTileWidth consecutive output pixels of one output row.
 struct Tile
 {
-    uint32_t const* image; // the image's planes (PlaneLayout)
+    uint32_t const* origin; // plane 0, word 0 of the first pixel's window: image + oh * stride * rowStride + ow0
     PlaneLayout layout;
-    int kernelH;
-    int kernelW;
-    int oh;
-    int ow0;
-    uint32_t const* weights; // the channel block: [kernelH * kernelW][words][kTileChannels]
+    int taps;
+    long long const* tapOffsets; // tapOffsets()
+    uint32_t const* weights;     // the channel block: [taps][words][kTileChannels]
 };
 
-// First word of tap (i, j), plane `plane`, word 0 for the tile's first pixel.
-inline uint32_t const* tapWords(Tile const& t, int plane, int i, int j)
+// First word of tap `tap`, plane `plane`, word 0 of the tile's first pixel.
+inline uint32_t const* tapWords(Tile const& t, int plane, int tap)
 {
-    PlaneLayout const& l = t.layout;
-    return t.image + static_cast<long long>(t.oh * l.stride + i) * l.rowStride
-        + (static_cast<long long>(plane) * l.words * l.stride + j % l.stride) * l.phaseWidth + t.ow0 + j / l.stride;
+    return t.origin + t.tapOffsets[tap] + plane * t.layout.words * t.layout.wordStride();
 }
 
 // counts[c][p] = sum over planes j of w_j * sum over taps and words of popcount(op(plane_j word, weight word)),
@@ -128,28 +138,25 @@ inline void popcountTile(Tile const& t, int32_t (*counts)[kTileWidth])
         }
         auto accumulate = [&](auto negativeTag) {
             constexpr bool kNegative = decltype(negativeTag)::value;
-            for (int i = 0; i < t.kernelH; ++i)
+            uint32_t const* w = t.weights;
+            for (int tap = 0; tap < t.taps; ++tap)
             {
-                for (int j = 0; j < t.kernelW; ++j)
+                uint32_t const* src = tapWords(t, plane, tap);
+                for (int word = 0; word < l.words; ++word, src += l.wordStride(), w += kTileChannels)
                 {
-                    uint32_t const* src = tapWords(t, plane, i, j);
-                    uint32_t const* w = t.weights + (i * t.kernelW + j) * l.words * kTileChannels;
-                    for (int word = 0; word < l.words; ++word, src += l.wordStride(), w += kTileChannels)
+                    __m512i a[kTileVectors];
+                    for (int v = 0; v < kTileVectors; ++v)
                     {
-                        __m512i a[kTileVectors];
+                        a[v] = _mm512_loadu_si512(src + v * kLanes);
+                    }
+                    for (int c = 0; c < kTileChannels; ++c)
+                    {
+                        __m512i const wc = _mm512_set1_epi32(static_cast<int>(w[c]));
                         for (int v = 0; v < kTileVectors; ++v)
                         {
-                            a[v] = _mm512_loadu_si512(src + v * kLanes);
-                        }
-                        for (int c = 0; c < kTileChannels; ++c)
-                        {
-                            __m512i const wc = _mm512_set1_epi32(static_cast<int>(w[c]));
-                            for (int v = 0; v < kTileVectors; ++v)
-                            {
-                                __m512i const bits = Xor ? _mm512_xor_si512(a[v], wc) : _mm512_and_si512(a[v], wc);
-                                __m512i const n = _mm512_popcnt_epi32(bits);
-                                acc[c][v] = kNegative ? _mm512_sub_epi32(acc[c][v], n) : _mm512_add_epi32(acc[c][v], n);
-                            }
+                            __m512i const bits = Xor ? _mm512_xor_si512(a[v], wc) : _mm512_and_si512(a[v], wc);
+                            __m512i const n = _mm512_popcnt_epi32(bits);
+                            acc[c][v] = kNegative ? _mm512_sub_epi32(acc[c][v], n) : _mm512_add_epi32(acc[c][v], n);
                         }
                     }
                 }
@@ -220,37 +227,34 @@ inline void popcountTile(Tile const& t, int32_t (*counts)[kTileWidth])
             }
         };
         int pending = 0;
-        for (int i = 0; i < t.kernelH; ++i)
+        uint32_t const* w = t.weights;
+        for (int tap = 0; tap < t.taps; ++tap)
         {
-            for (int j = 0; j < t.kernelW; ++j)
+            uint32_t const* src = tapWords(t, plane, tap);
+            for (int word = 0; word < l.words; ++word, src += l.wordStride(), w += kTileChannels)
             {
-                uint32_t const* src = tapWords(t, plane, i, j);
-                uint32_t const* w = t.weights + (i * t.kernelW + j) * l.words * kTileChannels;
-                for (int word = 0; word < l.words; ++word, src += l.wordStride(), w += kTileChannels)
+                if (pending == kWordsPerWiden)
                 {
-                    if (pending == kWordsPerWiden)
-                    {
-                        widen();
-                        pending = 0;
-                    }
-                    ++pending;
-                    __m256i a[kTileVectors];
+                    widen();
+                    pending = 0;
+                }
+                ++pending;
+                __m256i a[kTileVectors];
+                for (int v = 0; v < kTileVectors; ++v)
+                {
+                    a[v] = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(src + v * kLanes));
+                }
+                for (int c = 0; c < kTileChannels; ++c)
+                {
+                    __m256i const wc = _mm256_set1_epi32(static_cast<int>(w[c]));
                     for (int v = 0; v < kTileVectors; ++v)
                     {
-                        a[v] = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(src + v * kLanes));
-                    }
-                    for (int c = 0; c < kTileChannels; ++c)
-                    {
-                        __m256i const wc = _mm256_set1_epi32(static_cast<int>(w[c]));
-                        for (int v = 0; v < kTileVectors; ++v)
-                        {
-                            __m256i const bits = Xor ? _mm256_xor_si256(a[v], wc) : _mm256_and_si256(a[v], wc);
-                            __m256i const low = _mm256_shuffle_epi8(lookup, _mm256_and_si256(bits, nibble));
-                            __m256i const high
-                                = _mm256_shuffle_epi8(lookup, _mm256_and_si256(_mm256_srli_epi16(bits, 4), nibble));
-                            __m256i const bytes = _mm256_add_epi8(low, high);
-                            pairs[c][v] = _mm256_add_epi16(pairs[c][v], _mm256_maddubs_epi16(bytes, ones8));
-                        }
+                        __m256i const bits = Xor ? _mm256_xor_si256(a[v], wc) : _mm256_and_si256(a[v], wc);
+                        __m256i const low = _mm256_shuffle_epi8(lookup, _mm256_and_si256(bits, nibble));
+                        __m256i const high
+                            = _mm256_shuffle_epi8(lookup, _mm256_and_si256(_mm256_srli_epi16(bits, 4), nibble));
+                        __m256i const bytes = _mm256_add_epi8(low, high);
+                        pairs[c][v] = _mm256_add_epi16(pairs[c][v], _mm256_maddubs_epi16(bytes, ones8));
                     }
                 }
             }
@@ -294,21 +298,18 @@ inline void popcountTile(Tile const& t, int32_t (*counts)[kTileWidth])
                 a *= 2;
             }
         }
-        for (int i = 0; i < t.kernelH; ++i)
+        uint32_t const* w = t.weights;
+        for (int tap = 0; tap < t.taps; ++tap)
         {
-            for (int j = 0; j < t.kernelW; ++j)
+            uint32_t const* src = tapWords(t, plane, tap);
+            for (int word = 0; word < l.words; ++word, src += l.wordStride(), w += kTileChannels)
             {
-                uint32_t const* src = tapWords(t, plane, i, j);
-                uint32_t const* w = t.weights + (i * t.kernelW + j) * l.words * kTileChannels;
-                for (int word = 0; word < l.words; ++word, src += l.wordStride(), w += kTileChannels)
+                for (int c = 0; c < kTileChannels; ++c)
                 {
-                    for (int c = 0; c < kTileChannels; ++c)
+                    for (int p = 0; p < kTileWidth; ++p)
                     {
-                        for (int p = 0; p < kTileWidth; ++p)
-                        {
-                            uint32_t const bits = Xor ? (src[p] ^ w[c]) : (src[p] & w[c]);
-                            acc[c][p] += sign * static_cast<int32_t>(popcount32(bits));
-                        }
+                        uint32_t const bits = Xor ? (src[p] ^ w[c]) : (src[p] & w[c]);
+                        acc[c][p] += sign * static_cast<int32_t>(popcount32(bits));
                     }
                 }
             }
@@ -324,6 +325,135 @@ inline void popcountTile(Tile const& t, int32_t (*counts)[kTileWidth])
 }
 
 #endif
+
+// Sign bits of kLanes consecutive pixels over `bits` channels (channel b's pixels at x + b * channelStride), with
+// v = x + threshold[b] (one IEEE add; no add without a threshold): bit b of pos[p] = (v > 0), of zero[p] = (v == 0),
+// the latter for +0.0 and -0.0. A transpose in registers: one vector compare per channel.
+template <bool kThreshold>
+inline void signBits(float const* x, long long channelStride, float const* threshold, int bits, uint32_t* pos,
+    uint32_t* zero)
+{
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+    __m512i p = _mm512_setzero_si512();
+    __m512i z = _mm512_setzero_si512();
+    __m512 const zeros = _mm512_setzero_ps();
+    for (int b = 0; b < bits; ++b, x += channelStride)
+    {
+        // The 32 channel rows are 32 streams, more than hardware prefetchers follow: fetch 4 lines ahead.
+        _mm_prefetch(reinterpret_cast<char const*>(x + 4 * kLanes), _MM_HINT_T0);
+        __m512 v = _mm512_loadu_ps(x);
+        if (kThreshold)
+        {
+            v = _mm512_add_ps(v, _mm512_set1_ps(threshold[b]));
+        }
+        __m512i const bit = _mm512_set1_epi32(static_cast<int>(1u << b));
+        p = _mm512_mask_or_epi32(p, _mm512_cmp_ps_mask(v, zeros, _CMP_GT_OQ), p, bit);
+        z = _mm512_mask_or_epi32(z, _mm512_cmp_ps_mask(v, zeros, _CMP_EQ_OQ), z, bit);
+    }
+    _mm512_storeu_si512(pos, p);
+    _mm512_storeu_si512(zero, z);
+#elif defined(__AVX2__)
+    __m256i p = _mm256_setzero_si256();
+    __m256i z = _mm256_setzero_si256();
+    __m256 const zeros = _mm256_setzero_ps();
+    for (int b = 0; b < bits; ++b, x += channelStride)
+    {
+        _mm_prefetch(reinterpret_cast<char const*>(x + 8 * kLanes), _MM_HINT_T0); // 4 lines ahead, as above
+        __m256 v = _mm256_loadu_ps(x);
+        if (kThreshold)
+        {
+            v = _mm256_add_ps(v, _mm256_set1_ps(threshold[b]));
+        }
+        __m256i const bit = _mm256_set1_epi32(static_cast<int>(1u << b));
+        p = _mm256_or_si256(p, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zeros, _CMP_GT_OQ)), bit));
+        z = _mm256_or_si256(z, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zeros, _CMP_EQ_OQ)), bit));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos), p);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(zero), z);
+#else
+    for (int p = 0; p < kLanes; ++p)
+    {
+        pos[p] = 0;
+        zero[p] = 0;
+    }
+    for (int b = 0; b < bits; ++b, x += channelStride)
+    {
+        for (int p = 0; p < kLanes; ++p)
+        {
+            float const v = kThreshold ? x[p] + threshold[b] : x[p];
+            pos[p] |= static_cast<uint32_t>(v > 0.0f) << b;
+            zero[p] |= static_cast<uint32_t>(v == 0.0f) << b;
+        }
+    }
+#endif
+}
+
+// Store one output row segment of a tile. stream: the output is too large to stay in cache for its reader, so a
+// whole, aligned segment goes around the caches (no read-for-ownership of lines the store overwrites completely);
+// the writer calls storeFence() before its results are read.
+inline void storeRow(float* dst, float const* src, int count, bool stream)
+{
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+    if (count == kTileWidth)
+    {
+        bool const aligned = (reinterpret_cast<uintptr_t>(dst) & 63) == 0;
+        for (int v = 0; v < kTileVectors; ++v)
+        {
+            __m512 const z = _mm512_loadu_ps(src + v * kLanes);
+            if (stream && aligned)
+            {
+                _mm512_stream_ps(dst + v * kLanes, z);
+            }
+            else
+            {
+                _mm512_storeu_ps(dst + v * kLanes, z);
+            }
+        }
+        return;
+    }
+#elif defined(__AVX2__)
+    if (count == kTileWidth)
+    {
+        bool const aligned = (reinterpret_cast<uintptr_t>(dst) & 31) == 0;
+        for (int v = 0; v < kTileVectors; ++v)
+        {
+            __m256 const z = _mm256_loadu_ps(src + v * kLanes);
+            if (stream && aligned)
+            {
+                _mm256_stream_ps(dst + v * kLanes, z);
+            }
+            else
+            {
+                _mm256_storeu_ps(dst + v * kLanes, z);
+            }
+        }
+        return;
+    }
+#else
+    (void) stream;
+#endif
+    for (int p = 0; p < count; ++p)
+    {
+        dst[p] = src[p];
+    }
+}
+
+inline void storeFence()
+{
+#if defined(__AVX2__) || defined(__AVX512F__)
+    _mm_sfence();
+#endif
+}
+
+// The calling thread's index in its parallel region (0 outside one, or without OpenMP).
+inline int threadIndex()
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 
 // Scratch memory of one call, 64-byte aligned (vector loads of the planes), freed at scope exit.
 class Scratch

@@ -15,8 +15,7 @@ extern "C" {
 typedef struct bdm_multibasis_conv_cpu_layer bdm_multibasis_conv_cpu_layer; // opaque
 
 // Every form runs as a 2-D convolution of [batch, in_channels, height, width]: conv2d as it is, conv1d [N, C, L] as
-// height 1 (kernel 1 x k, padding on the width only), linear [N, C] as height = width = 1 per sample (or, faster,
-// as one sample with the batch along the width: x transposed to [1, C, 1, N], y then [1, O, 1, N]).
+// height 1 (kernel 1 x k, padding on the width only), linear [N, C] as height = width = 1.
 typedef struct bdm_multibasis_conv_cpu_params
 {
     int32_t in_channels;

@@ -153,12 +153,43 @@ inline void packRow(MultibasisConvLayer const& layer, MultibasisConvCall const& 
     }
 }
 
-inline void convolve(MultibasisConvLayer const& layer, MultibasisConvCall const& call, Geometry const& g,
-    uint32_t const* planes, int32_t const* sums, int threads)
+// The CUDA kernel's epilogue for the tile's `outputs` channels from o0 and `count` pixels: store(m, z) writes channel
+// o0 + m's values z.
+template <typename Store>
+inline void storeOutputs(MultibasisConvLayer const& layer, float step, int32_t (*acc)[kTileWidth],
+    int32_t const* window, int count, int o0, int outputs, Store store)
+{
+    int const bases = layer.numBases;
+    for (int m = 0; m < outputs; ++m)
+    {
+        int const o = o0 + m;
+        float const same = layer.classSame[o];
+        float const diff = layer.classDiff[o];
+        float const bias = layer.bias[o];
+        int32_t const* acc1 = acc[bases * m];
+        int32_t const* acc2 = acc[bases * m + bases - 1];
+        float z[kTileWidth];
+        for (int p = 0; p < count; ++p)
+        {
+            int32_t const d1 = 2 * acc1[p] - window[p];
+            int32_t const d2 = bases == 2 ? 2 * acc2[p] - window[p] : d1;
+            int32_t const dotSame = (d1 + d2) / 2; // even: both sums run over the same codes
+            int32_t const dotDiff = (d1 - d2) / 2;
+            float v = same * static_cast<float>(dotSame);
+            v = v + diff * static_cast<float>(dotDiff);
+            z[p] = bias + step * v;
+        }
+        store(m, z);
+    }
+}
+
+// Row mode: tiles along each output row, reading the padded planes directly.
+inline void convolveRows(MultibasisConvLayer const& layer, MultibasisConvCall const& call, Geometry const& g,
+    uint32_t const* planes, int32_t const* sums, long long const* offsets, long long const* sumOffsets, int threads)
 {
     PlaneLayout const& l = g.layout;
     int const blocks = layer.blocked.blocks;
-    int const bases = layer.numBases;
+    int const perBlock = kTileChannels / layer.numBases;
     long long const items = static_cast<long long>(call.batch) * g.outHeight * blocks;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
     for (long long item = 0; item < items; ++item)
@@ -167,53 +198,131 @@ inline void convolve(MultibasisConvLayer const& layer, MultibasisConvCall const&
         int const block = static_cast<int>(item - row * blocks);
         int const n = static_cast<int>(row / g.outHeight);
         int const oh = static_cast<int>(row - static_cast<long long>(n) * g.outHeight);
-        int const o0 = block * (kTileChannels / bases);
-        int const outputs = minInt(kTileChannels / bases, g.outChannels - o0);
-        Tile tile{planes + n * g.imageWords, l, layer.kernelH, layer.kernelW, oh, 0,
+        int const o0 = block * perBlock;
+        Tile tile{planes + n * g.imageWords + static_cast<long long>(oh) * l.stride * l.rowStride, l, g.taps, offsets,
             layer.blocked.words + static_cast<long long>(block) * g.taps * l.words * kTileChannels};
-        for (int ow0 = 0; ow0 < g.outWidth; ow0 += kTileWidth)
+        int32_t const* rowSums = sums + (static_cast<long long>(n) * g.paddedHeight + oh * l.stride) * g.sumRowStride;
+        for (int ow0 = 0; ow0 < g.outWidth; ow0 += kTileWidth, tile.origin += kTileWidth)
         {
             int32_t acc[kTileChannels][kTileWidth];
-            tile.ow0 = ow0;
             popcountTile<false>(tile, acc);
             int32_t window[kTileWidth] = {}; // R: the window's code sum
-            for (int i = 0; i < layer.kernelH; ++i)
+            for (int tap = 0; tap < g.taps; ++tap)
             {
-                for (int j = 0; j < layer.kernelW; ++j)
+                int32_t const* s = rowSums + sumOffsets[tap] + ow0;
+                for (int p = 0; p < kTileWidth; ++p)
                 {
-                    int32_t const* s = sums + (static_cast<long long>(n) * g.paddedHeight + oh * l.stride + i) * g.sumRowStride
-                        + (j % l.stride) * l.phaseWidth + ow0 + j / l.stride;
-                    for (int p = 0; p < kTileWidth; ++p)
-                    {
-                        window[p] += s[p];
-                    }
+                    window[p] += s[p];
                 }
             }
             int const count = minInt(kTileWidth, g.outWidth - ow0);
-            for (int m = 0; m < outputs; ++m)
+            float* y = call.y + (static_cast<long long>(n) * g.outChannels + o0) * g.outHw
+                + static_cast<long long>(oh) * g.outWidth + ow0;
+            storeOutputs(layer, call.step, acc, window, count, o0, minInt(perBlock, g.outChannels - o0),
+                [&](int m, float const* z) { storeRow(y + m * g.outHw, z, count, false); });
+        }
+    }
+}
+
+// Flat mode, for narrow outputs (a row would fill a tile poorly): the windows of all output pixels of the batch
+// gathered into one row (im2col, K = taps * words per plane), so tiles run over consecutive output pixels; then the
+// same tile as a 1 x 1 convolution.
+struct Columns
+{
+    PlaneLayout layout; // one row: planes x (taps * words) x pixels, pixels padded to whole tiles
+    long long pixels;   // batch * outHeight * outWidth
+};
+
+inline Columns columnsFor(MultibasisConvLayer const& layer, Geometry const& g, int batch)
+{
+    Columns c;
+    c.pixels = static_cast<long long>(batch) * g.outHw;
+    long long const padded = (c.pixels + kTileWidth - 1) / kTileWidth * kTileWidth;
+    c.layout.planes = layer.actBits;
+    c.layout.words = g.taps * layer.words;
+    c.layout.stride = 1;
+    c.layout.phaseWidth = static_cast<int>(padded);
+    c.layout.rowStride = static_cast<long long>(c.layout.planes) * c.layout.words * padded;
+    return c;
+}
+
+inline void gatherColumns(Geometry const& g, uint32_t const* planes, int32_t const* sums, long long const* offsets,
+    long long const* sumOffsets, Columns const& c, uint32_t* columns, int32_t* windows, int threads)
+{
+    PlaneLayout const& l = g.layout;
+    long long const width = c.layout.phaseWidth;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (long long p = 0; p < width; ++p)
+    {
+        int32_t window = 0;
+        if (p < c.pixels)
+        {
+            long long const n = p / g.outHw;
+            long long const q = p - n * g.outHw;
+            int const oh = static_cast<int>(q / g.outWidth);
+            int const ow = static_cast<int>(q - static_cast<long long>(oh) * g.outWidth);
+            uint32_t const* origin = planes + n * g.imageWords + static_cast<long long>(oh) * l.stride * l.rowStride + ow;
+            int32_t const* sumOrigin = sums + (n * g.paddedHeight + static_cast<long long>(oh) * l.stride) * g.sumRowStride + ow;
+            for (int tap = 0; tap < g.taps; ++tap)
             {
-                int const o = o0 + m;
-                float const same = layer.classSame[o];
-                float const diff = layer.classDiff[o];
-                float const bias = layer.bias[o];
-                float const step = call.step;
-                float* y = call.y + (static_cast<long long>(n) * g.outChannels + o) * g.outHw
-                    + static_cast<long long>(oh) * g.outWidth + ow0;
-                int32_t const* acc1 = acc[bases * m];
-                int32_t const* acc2 = acc[bases * m + bases - 1];
-                for (int p = 0; p < count; ++p)
+                window += sumOrigin[sumOffsets[tap]];
+                for (int plane = 0; plane < l.planes; ++plane)
                 {
-                    int32_t const d1 = 2 * acc1[p] - window[p];
-                    int32_t const d2 = bases == 2 ? 2 * acc2[p] - window[p] : d1;
-                    int32_t const dotSame = (d1 + d2) / 2; // even: both sums run over the same codes
-                    int32_t const dotDiff = (d1 - d2) / 2;
-                    float v = same * static_cast<float>(dotSame);
-                    v = v + diff * static_cast<float>(dotDiff);
-                    y[p] = bias + step * v;
+                    uint32_t const* src = origin + offsets[tap] + plane * l.words * l.wordStride();
+                    uint32_t* dst = columns + (static_cast<long long>(plane) * c.layout.words + tap * l.words) * width + p;
+                    for (int word = 0; word < l.words; ++word)
+                    {
+                        dst[word * width] = src[word * l.wordStride()];
+                    }
                 }
             }
         }
+        else
+        {
+            for (long long k = 0; k < static_cast<long long>(c.layout.planes) * c.layout.words; ++k)
+            {
+                columns[k * width + p] = 0u;
+            }
+        }
+        windows[p] = window;
     }
+}
+
+inline void convolveColumns(MultibasisConvLayer const& layer, MultibasisConvCall const& call, Geometry const& g,
+    Columns const& c, uint32_t const* columns, int32_t const* windows, int threads)
+{
+    int const blocks = layer.blocked.blocks;
+    int const perBlock = kTileChannels / layer.numBases;
+    long long const tiles = c.layout.phaseWidth / kTileWidth;
+    long long const items = tiles * blocks;
+    long long const zero = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+    for (long long item = 0; item < items; ++item)
+    {
+        long long const p0 = item / blocks * kTileWidth;
+        int const block = static_cast<int>(item % blocks);
+        int const o0 = block * perBlock;
+        Tile const tile{columns + p0, c.layout, 1, &zero,
+            layer.blocked.words + static_cast<long long>(block) * g.taps * layer.words * kTileChannels};
+        int32_t acc[kTileChannels][kTileWidth];
+        popcountTile<false>(tile, acc);
+        int const count = static_cast<int>(c.pixels - p0 < kTileWidth ? c.pixels - p0 : kTileWidth);
+        storeOutputs(layer, call.step, acc, windows + p0, count, o0, minInt(perBlock, g.outChannels - o0),
+            [&](int m, float const* z) {
+                for (int p = 0; p < count; ++p)
+                {
+                    long long const n = (p0 + p) / g.outHw;
+                    call.y[(n * g.outChannels + o0 + m) * g.outHw + (p0 + p - n * g.outHw)] = z[p];
+                }
+            });
+    }
+}
+
+// Flat mode where row tiles would waste more than a quarter of their pixels.
+inline bool flatMode(Geometry const& g)
+{
+    long long const rowTiles = (g.outWidth + kTileWidth - 1) / kTileWidth * kTileWidth;
+    return rowTiles * 4 > g.outWidth * 5LL;
 }
 
 inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
@@ -221,12 +330,23 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
     Geometry const g = geometry(layer, call);
     long long const planeWords = call.batch * g.imageWords;
     long long const sumWords = static_cast<long long>(call.batch) * g.paddedHeight * g.sumRowStride;
-    Scratch scratch(sizeof(uint32_t) * (planeWords + sumWords));
+    bool const flat = flatMode(g);
+    Columns const columns = columnsFor(layer, g, call.batch);
+    long long const columnWords = flat ? columns.layout.rowStride + columns.layout.phaseWidth : 0;
+    Scratch scratch(sizeof(long long) * 2 * g.taps + sizeof(uint32_t) * (planeWords + sumWords + columnWords));
     if (!scratch.ok())
     {
         return BDM_CPU_OUT_OF_MEMORY;
     }
-    uint32_t* planes = scratch.as<uint32_t>();
+    // tap offsets in the planes and in the code sums (one plane of one word)
+    long long* offsets = scratch.as<long long>();
+    long long* sumOffsets = offsets + g.taps;
+    tapOffsets(g.layout, layer.kernelH, layer.kernelW, offsets);
+    PlaneLayout sumLayout = g.layout;
+    sumLayout.planes = sumLayout.words = 1;
+    sumLayout.rowStride = g.sumRowStride;
+    tapOffsets(sumLayout, layer.kernelH, layer.kernelW, sumOffsets);
+    uint32_t* planes = reinterpret_cast<uint32_t*>(sumOffsets + g.taps);
     int32_t* sums = reinterpret_cast<int32_t*>(planes + planeWords);
     int const threads = threadCount(call.threads);
     long long const rows = static_cast<long long>(call.batch) * g.paddedHeight;
@@ -244,7 +364,15 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
             packRow<8>(layer, call, g, planes, sums, n, r);
         }
     }
-    convolve(layer, call, g, planes, sums, threads);
+    if (!flat)
+    {
+        convolveRows(layer, call, g, planes, sums, offsets, sumOffsets, threads);
+        return BDM_OK;
+    }
+    uint32_t* columnWordsAt = reinterpret_cast<uint32_t*>(sums + sumWords);
+    int32_t* windows = reinterpret_cast<int32_t*>(columnWordsAt + columns.layout.rowStride);
+    gatherColumns(g, planes, sums, offsets, sumOffsets, columns, columnWordsAt, windows, threads);
+    convolveColumns(layer, call, g, columns, columnWordsAt, windows, threads);
     return BDM_OK;
 }
 

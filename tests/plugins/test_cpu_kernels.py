@@ -179,6 +179,20 @@ def test_a_corrupted_weight_bit_changes_exactly_its_output_channel(isas):
         assert (np.abs(diff[0, 5]) == 2).all(), name
 
 
+def test_a_large_output_streamed_past_the_caches_is_bit_identical(isas):
+    """64 channels at 128 x 256 (an 8 MB y: the stores go around the caches), one image in many row bands per
+    thread, against the reference."""
+    cin = 64
+    weight, alpha, tables = binary_layer(cin, cin, 3, seed=5)
+    x = binary_input(cin, 128, 256, 1, seed=5)
+    attrs = dict(in_channels=cin, out_channels=cin, kernel_size=3)
+    constants = dict(weight=weight, alpha=alpha, **tables)
+    t = np.array([1234], np.int32)
+    expected = reference.run("BinaryConv2d", dict(constants, x=x, t=t), attrs)
+    for name, k_set in kernel_sets(isas):
+        assert_bit_identical(run_binary(k_set, "BinaryConv2d", attrs, constants, x, t), expected, name)
+
+
 def test_every_biconv_layer_of_the_golden_network(isas, golden_layer_io):
     """The 56 BIConv layers of the BI-DiffSR golden network at 5 timesteps (every group), on their real inputs."""
     for name, t0, module, x, expected in golden_layer_io:

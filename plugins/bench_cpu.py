@@ -1,0 +1,199 @@
+"""Benchmark (not a test) of the bdm CPU kernels per layer, against ONNX Runtime's fp32 `Conv` (a session with that one
+node, intra-op threads = this machine's cores) and torch's conv2d of the same shape, measured side by side in one run:
+
+- the BI-DiffSR binary 3x3 conv (BinaryConv2d: threshold, sign, bit-pack, popcount conv, alpha, RPReLU, residual) at
+  the released x4 network's shapes for a 256 x 256 output: C=64 @256x256, 128 @128x128, 256 @64x64, 512 @32x32;
+- the BinaryDM A4 3x3 conv (MultiBasisConv, 2 sign bases: quantize into code bit-planes, bit-serial popcount conv) at
+  C=128 @32x32 and C=256 @16x16;
+- with --network: all 56 BIConv layers of one step of the released x4 network (random weights, 64 -> 256), the
+  kernels against the same layers in PyTorch eager.
+
+    python -m bdm.plugins.bench_cpu [--repeats 15] [--isa avx512|avx2|portable] [--threads N] [--network]
+
+Prints one row per layer: median milliseconds (rounds interleave the contestants, so the machine's load hits all
+alike) and the kernel's speed-up over each. bench_rows() returns the rows (for `bdm bench`).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from bdm.errors import BdmError
+
+# (op, channels, size, where)
+LAYERS = [
+    ("BinaryConv2d", 64, 256, "BI-DiffSR ResBlock 64"),
+    ("BinaryConv2d", 128, 128, "BI-DiffSR ResBlock 128"),
+    ("BinaryConv2d", 256, 64, "BI-DiffSR ResBlock 256"),
+    ("BinaryConv2d", 512, 32, "BI-DiffSR ResBlock 512"),
+    ("MultiBasisConv", 128, 32, "BinaryDM A4, 2 bases"),
+    ("MultiBasisConv", 256, 16, "BinaryDM A4, 2 bases"),
+]
+
+
+def median_ms(contestants: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median wall time of each contestant in milliseconds; each round runs every contestant once."""
+    times = {name: [] for name in contestants}
+    for round_index in range(warmup + repeats):
+        for name, fn in contestants.items():
+            start = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _ort_conv(weight: np.ndarray, bias: np.ndarray, x_shape, threads: int):
+    """An ONNX Runtime session of one fp32 Conv (3x3, padding 1) with these weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(model)
+    return session
+
+
+def _bdm_layer(kernels, op: str, channels: int, rng: np.random.Generator):
+    """A prepared random layer of `op` (3x3) and its runtime inputs but x."""
+    import torch
+
+    from bdm.plugins import multibasis_reference, packing
+
+    signs = np.where(rng.standard_normal((2, channels, channels, 3, 3)) > 0, 1, -1).astype(np.float32)
+    attrs = dict(in_channels=channels, out_channels=channels, kernel_size=3)
+    if op == "BinaryConv2d":
+        tables = {name: (rng.standard_normal((5, channels)) * 0.1).astype(np.float32)
+                  for name in ("threshold", "bias0", "slope", "bias1")}
+        constants = dict(weight=packing.pack_signs(signs[0]), alpha=np.full(channels, 0.01, np.float32), **tables)
+        return kernels.prepare(op, attrs, constants), {"t": torch.tensor([1000])}
+    attrs.update(num_bases=2, spatial_dims=2, padding=1, act_bits=4)
+    constants = dict(weight=multibasis_reference.pack_bases(signs),
+                     scale=np.array([[0.01] * channels, [0.003] * channels], np.float32),
+                     bias=np.zeros(channels, np.float32))
+    return kernels.prepare(op, attrs, constants), {"act_step": torch.tensor([0.05])}
+
+
+def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[int] = None,
+               layers=LAYERS) -> List[dict]:
+    """One row per layer: {layer, shape, isa, threads, bdm_ms, ort_ms, torch_ms, vs_ort, vs_torch}."""
+    import torch
+    import torch.nn.functional as F
+
+    from bdm.plugins import cpu_kernels
+
+    kernels = cpu_kernels.load(isa, threads)
+    cores = os.cpu_count() or 1
+    rng = np.random.default_rng(0)
+    rows = []
+    for op, channels, size, where in layers:
+        x = torch.randn(1, channels, size, size)
+        weight = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)
+        bias = rng.standard_normal(channels).astype(np.float32)
+        session = _ort_conv(weight, bias, x.shape, cores)
+        x_numpy = x.numpy()
+        weight_t, bias_t = torch.from_numpy(weight), torch.from_numpy(bias)
+        run, inputs = _bdm_layer(kernels, op, channels, rng)
+        with torch.no_grad():
+            times = median_ms({"bdm": lambda: run(x=x, **inputs),
+                               "ort": lambda: session.run(None, {"x": x_numpy}),
+                               "torch": lambda: F.conv2d(x, weight_t, bias_t, padding=1)}, repeats)
+        rows.append(dict(layer=f"{op} ({where})", shape=f"C={channels} {size}x{size}", isa=kernels.isa,
+                         threads=kernels.threads, bdm_ms=times["bdm"], ort_ms=times["ort"],
+                         torch_ms=times["torch"], vs_ort=times["ort"] / times["bdm"],
+                         vs_torch=times["torch"] / times["bdm"]))
+    return rows
+
+
+def network_row(repeats: int = 5, isa: Optional[str] = None, threads: Optional[int] = None, size: int = 256) -> dict:
+    """The 56 BIConv layers of one step of the released x4 network at a size x size output: their total time on the
+    kernels vs in PyTorch eager (the same modules, deploy arithmetic), as medians of `repeats` steps."""
+    import torch
+
+    from bdm.export.bidiffsr import biconvs
+    from bdm.plugins import cpu_kernels, packing
+    from bdm.runtime.bench import released_model
+
+    kernels = cpu_kernels.load(isa, threads)
+    model = released_model()
+    layers = biconvs(model)
+    inputs = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, args[0]))
+             for name, module in layers]
+    t = torch.tensor([[1000]])
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size), torch.rand(1, 3, size, size), t)
+    for h in hooks:
+        h.remove()
+    prepared = []
+    for name, module in layers:
+        attrs = dict(in_channels=module.in_channels, out_channels=module.out_channels,
+                     kernel_size=module.kernel_size, num_groups=module.num_groups, total_steps=module.total_steps)
+        constants = dict(weight=packing.pack_signs(module.binary_conv.weight.detach().numpy()),
+                         alpha=module.alpha().numpy(), **{k: v.numpy() for k, v in module.group_tables().items()})
+        prepared.append((kernels.prepare("BinaryConv2d", attrs, constants), module, inputs[name]))
+    t1 = torch.tensor([1000])
+
+    def on_kernels():
+        for run, _, x in prepared:
+            run(x=x, t=t1)
+
+    def in_torch():
+        for _, module, x in prepared:
+            module(x, t)
+
+    with torch.no_grad():
+        times = median_ms({"bdm": on_kernels, "torch": in_torch}, repeats, warmup=1)
+    return dict(layer=f"all {len(prepared)} BIConv of one released x4 step", shape=f"{size}x{size} output",
+                isa=kernels.isa, threads=kernels.threads, bdm_ms=times["bdm"], torch_ms=times["torch"],
+                vs_torch=times["torch"] / times["bdm"])
+
+
+def format_rows(rows: List[dict]) -> str:
+    def cell(row, key, fmt):
+        return fmt.format(row[key]) if key in row else "-"
+
+    lines = [f"{'layer':44} {'shape':18} {'bdm ms':>8} {'ORT ms':>8} {'torch ms':>9} {'vs ORT':>7} {'vs torch':>9}"]
+    for row in rows:
+        lines.append(f"{row['layer']:44} {row['shape']:18} {cell(row, 'bdm_ms', '{:.2f}'):>8} "
+                     f"{cell(row, 'ort_ms', '{:.2f}'):>8} {cell(row, 'torch_ms', '{:.2f}'):>9} "
+                     f"{cell(row, 'vs_ort', '{:.1f}x'):>7} {cell(row, 'vs_torch', '{:.1f}x'):>9}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bdm.plugins.bench_cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--isa", default=None, help="avx512, avx2 or portable (default: $BDM_CPU_ISA or the fastest)")
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: torch's)")
+    parser.add_argument("--network", action="store_true",
+                        help="also time all BIConv layers of one released x4 step (builds the 51 M-parameter model)")
+    args = parser.parse_args(argv)
+    try:
+        rows = bench_rows(args.repeats, args.isa, args.threads)
+        if args.network:
+            rows.append(network_row(max(3, args.repeats // 3), args.isa, args.threads))
+    except BdmError as e:
+        print(f"bdm: error: {e}", file=sys.stderr)
+        return 2
+    print(f"bdm CPU kernels: path {rows[0]['isa']}, {rows[0]['threads']} threads; ONNX Runtime and torch: "
+          f"{os.cpu_count()} cores; medians of {args.repeats} interleaved rounds")
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
