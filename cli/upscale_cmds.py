@@ -110,7 +110,8 @@ def upscale(
 def bench(
     steps: int = typer.Option(50, help="DDIM steps per run."),
     size: int = typer.Option(64, help="LR side in pixels; x4 gives the network input size (64 -> 256)."),
-    backends: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. torch-cpu,ort-cpu."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. torch-cpu,kernels-cpu "
+                                                      "(ort-cpu: ONNX Runtime, kernels-cpu: the bdm CPU kernels)."),
 ):
     """Per-step and end-to-end time and peak memory of every backend available here (released x4 network,
     random weights built locally: nothing is downloaded)."""
