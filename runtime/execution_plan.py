@@ -18,7 +18,7 @@ shapes and t stay the same (the tiles of one sampler step); the rest runs in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import onnx

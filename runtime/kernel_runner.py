@@ -15,7 +15,7 @@ function bodies and says so.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 
 import numpy as np
 import onnx

@@ -1,23 +1,17 @@
-"""CpuKernelRunner (runtime/kernel_runner.py) and its execution plan (runtime/execution_plan.py, plan_fusion.py):
-the exported files of both families against ONNX Runtime with the real CPU kernels and with the spec's NumPy
-reference behind the same contract; weights prepared once; the prologue cache; liveness and in-place updates;
-fusions; refusals and the fallback to ONNX Runtime in one line."""
-
-import gc
-import weakref
+"""CpuKernelRunner (runtime/kernel_runner.py): the exported files of both families against ONNX Runtime with the real
+CPU kernels and with the spec's NumPy reference behind the same contract; weights prepared once; the prologue cache;
+refusals and the fallback to ONNX Runtime in one line."""
 
 import numpy as np
 import onnx
 import pytest
-import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from bdm.errors import BdmError
 from bdm.export.validate import group_boundaries, validation_feeds
 from bdm.plugins import cpu_kernels
 from bdm.runtime import backends
 from bdm.runtime.backends import OrtRunner
-from bdm.runtime.execution_plan import ExecutionPlan
 from bdm.runtime.kernel_runner import CpuKernelRunner, KernelsRefused
 
 from reference_kernels import ReferenceKernels  # tests/runtime
@@ -90,75 +84,6 @@ def test_weights_are_prepared_once_and_the_prologue_is_cached_per_shape_and_t(sm
     runner.infer(larger)
     assert len(calls) == 3 * per_run
     assert len(kernels.prepared) == 56
-
-
-def test_fused_plan_equals_the_unfused_plan(small_x4_onnx, unet_onnx):
-    for path, feed in ((small_x4_onnx, validation_feeds((2, 16, 16), [1999], np.float32)[0]),
-                       (unet_onnx["fp"], {"x_t": np.random.default_rng(2).standard_normal((2, 3, 32, 32),
-                                                                                         dtype=np.float32),
-                                          "t": np.array([400, 400])})):
-        fused = CpuKernelRunner(path, kernels=ReferenceKernels())
-        plain = CpuKernelRunner(path, kernels=ReferenceKernels(), fuse=False)
-        counts = {op: [n.op_type for n in fused.plan.nodes].count(op) for op in ("GroupNorm", "SiLU")}
-        assert counts["GroupNorm"] == sum(n.op_type == "InstanceNormalization" for n in plain.plan.nodes)
-        assert not any(n.op_type in ("InstanceNormalization", "Sigmoid") for n in fused.plan.nodes)
-        assert len(fused.plan.nodes) < len(plain.plan.nodes)
-        assert rel(plain.infer(feed)["eps"], fused.infer(feed)["eps"]) <= BOUND
-
-
-# --- plan mechanics on small graphs -------------------------------------------------------------------------
-
-def chain_model(nodes, inputs=("x",), outputs=("y",), initializers=()):
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                                               for n in inputs],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-                              list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("test", 1)])
-
-
-def test_intermediates_are_released_after_their_last_reader():
-    """x -> a -> b -> c -> y: when a node runs, the tensors no later node reads are gone."""
-    outputs = {"A": "a", "B": "b", "C": "c", "D": "y"}
-    produced, alive_at = {}, {}
-
-    def converter(view):
-        def run(x):
-            alive_at[view.name] = {name: ref() is not None for name, ref in produced.items()}
-            y = x + 1
-            produced[outputs[view.name]] = weakref.ref(y)
-            return y
-        return run
-
-    nodes = [helper.make_node("Step", [i], [outputs[n]], name=n, domain="test")
-             for n, i in (("A", "x"), ("B", "a"), ("C", "b"), ("D", "c"))]
-    plan = ExecutionPlan(chain_model(nodes), {("test", "Step"): converter})
-    gc.disable()
-    try:
-        y = plan.run({"x": torch.zeros(3)})["y"]
-    finally:
-        gc.enable()
-    assert alive_at["C"] == {"a": False, "b": True}
-    assert alive_at["D"] == {"a": False, "b": False, "c": True}
-    assert torch.equal(y, torch.full((3,), 4.0))
-
-
-def test_elementwise_ops_update_a_dying_input_in_place_and_nothing_else():
-    w = onnx.numpy_helper.from_array(np.full((1, 3), 2.0, np.float32), "w")
-    nodes = [helper.make_node("Mul", ["x", "w"], ["a"]),            # x is the caller's: never in place
-             helper.make_node("Add", ["a", "w"], ["b"]),            # a dies here: in place
-             helper.make_node("Reshape", ["b", "shape"], ["v"]),    # v is a view of b ...
-             helper.make_node("Add", ["b", "w"], ["c"]),            # ... read below: b is not updated in place
-             helper.make_node("Add", ["v", "c"], ["y"])]            # b (and v) die here: in place
-    shape = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
-    plan = ExecutionPlan(chain_model(nodes, initializers=[w, shape]))
-    in_place = [step[0] is node.in_place for step, node in zip(plan._steps[False], plan.nodes)]
-    assert in_place == [False, True, False, False, True]
-    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    before = x.clone()
-    y = plan.run({"x": x})["y"]
-    assert torch.equal(x, before)
-    b = before * 2 + 2
-    assert torch.equal(y, b + (b + 2))
 
 
 # --- refusals and the fallback --------------------------------------------------------------------------------
