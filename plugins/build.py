@@ -151,8 +151,15 @@ CPU_ISA_FLAGS = {
 CXX_CANDIDATES = ("c++", "g++", "clang++")
 
 
-def _is_x86_64() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
+def _compiler_target(cxx: str) -> str:
+    """The machine the compiler builds for (`-dumpmachine`, e.g. x86_64-linux-gnu), so a cross compiler in $CXX gets
+    its own target's flags; the host's machine if the compiler does not say."""
+    result = subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else platform.machine()
+
+
+def _targets_x86_64(target: str) -> bool:
+    return target.split("-")[0].lower() in ("x86_64", "amd64")
 
 
 def cpu_cache_dir() -> Path:
@@ -183,20 +190,20 @@ def _cpu_source_files() -> List[Path]:
     return sorted(files)
 
 
-def _compile_commands(cxx: str, out_dir: Path) -> List[List[str]]:
+def _compile_commands(cxx: str, target: str, out_dir: Path) -> List[List[str]]:
     commands = []
     for source in CPU_SOURCES:
-        extra = CPU_ISA_FLAGS.get(source, []) if _is_x86_64() else []
+        extra = CPU_ISA_FLAGS.get(source, []) if _targets_x86_64(target) else []
         obj = out_dir / (source.replace("/", "_") + ".o")
         commands.append([cxx, *CPU_FLAGS, *extra, "-c", str(PLUGINS_DIR / source), "-o", str(obj)])
     return commands
 
 
-def cpu_build_key(cxx: str) -> str:
-    """Hash of what the library is made of: sources, flags, compiler (path and version) and machine."""
+def cpu_build_key(cxx: str, target: str) -> str:
+    """Hash of what the library is made of: sources, flags, compiler (path, version, target)."""
     digest = hashlib.sha256()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    for part in [cxx, *version, platform.machine(), *CPU_FLAGS, repr(sorted(CPU_ISA_FLAGS.items()))]:
+    for part in [cxx, *version, target, *CPU_FLAGS, repr(sorted(CPU_ISA_FLAGS.items()))]:
         digest.update(part.encode() + b"\0")
     for path in _cpu_source_files():
         digest.update(str(path.relative_to(PLUGINS_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -205,7 +212,8 @@ def cpu_build_key(cxx: str) -> str:
 
 def find_cpu_library() -> Optional[Path]:
     """The built CPU library for the current sources and compiler, or None."""
-    candidate = cpu_cache_dir() / cpu_build_key(find_cxx()) / CPU_LIB
+    cxx = find_cxx()
+    candidate = cpu_cache_dir() / cpu_build_key(cxx, _compiler_target(cxx)) / CPU_LIB
     return candidate if candidate.is_file() else None
 
 
@@ -214,7 +222,8 @@ def build_cpu(announce: bool = True) -> Path:
     the library are made in a private temporary folder and the library renamed into place, so concurrent builders
     (two processes on first use) both end with a complete file. BdmError (one line) without a compiler or on failure."""
     cxx = find_cxx()
-    target = cpu_cache_dir() / cpu_build_key(cxx) / CPU_LIB
+    machine = _compiler_target(cxx)
+    target = cpu_cache_dir() / cpu_build_key(cxx, machine) / CPU_LIB
     if target.is_file():
         return target
     if announce:
@@ -223,7 +232,7 @@ def build_cpu(announce: bool = True) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
             tmp_dir = Path(tmp)
-            commands = _compile_commands(cxx, tmp_dir)
+            commands = _compile_commands(cxx, machine, tmp_dir)
             with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), commands):
                     _check_compiler(result, cxx)

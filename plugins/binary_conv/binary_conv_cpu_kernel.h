@@ -256,8 +256,8 @@ inline void correctZeros(BinaryConvLayer const& layer, Geometry const& g, Band c
                         continue;
                     }
                     int const zeros = popcountScalar(z);
-                    uint32_t const* w = layer.weights + (static_cast<long long>(o0) * g.taps + i * g.kernel + j) * l.words
-                        + word;
+                    uint32_t const* w
+                        = layer.weights + (static_cast<long long>(o0) * g.taps + i * g.kernel + j) * l.words + word;
                     for (int c = 0; c < channels; ++c)
                     {
                         dots[c][p] += 2 * popcountScalar(z & w[static_cast<long long>(c) * g.taps * l.words]) - zeros;
@@ -357,8 +357,8 @@ inline void convolveBand(BinaryConvLayer const& layer, BinaryConvCall const& cal
 }
 
 template <bool kFused, bool kResidual>
-inline void convolve(BinaryConvLayer const& layer, BinaryConvCall const& call, Geometry const& g, float const* threshold,
-    uint8_t* buffers, int threads)
+inline void convolve(BinaryConvLayer const& layer, BinaryConvCall const& call, Geometry const& g,
+    float const* threshold, uint8_t* buffers, int threads)
 {
     long long offsets[9];
     tapOffsets(g.layout, g.kernel, g.kernel, offsets);
@@ -366,7 +366,7 @@ inline void convolve(BinaryConvLayer const& layer, BinaryConvCall const& call, G
 #pragma omp parallel num_threads(threads) if (threads > 1 && bands > 1)
     {
         Band const band = bandAt(buffers + bandBytes(g) * threadIndex(), g);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (long long b = 0; b < bands; ++b)
         {
             int const n = static_cast<int>(b / g.bandsPerImage);
@@ -387,7 +387,8 @@ inline int run(BinaryConvLayer const& layer, BinaryConvCall const& call)
     {
         return BDM_CPU_OUT_OF_MEMORY;
     }
-    float const* threshold = layer.threshold ? layer.threshold + static_cast<long long>(call.group) * g.channels : nullptr;
+    float const* threshold
+        = layer.threshold ? layer.threshold + static_cast<long long>(call.group) * g.channels : nullptr;
     uint8_t* buffers = scratch.as<uint8_t>();
     if (!layer.threshold)
     {

@@ -17,7 +17,8 @@ namespace cpu
 int tileChannels(int isa);
 
 // rows: [channels][taps][words] sign words (bit c of word w = input channel 32w + c); bits past in_channels are
-// cleared. Returns the blocked layout of BlockedWeights for `tileChannels` channels per block, zero channels past the end.
+// cleared. Returns the blocked layout of BlockedWeights for `tileChannels` channels per block, zero channels past
+// the end.
 std::vector<uint32_t> blockWeights(
     std::vector<uint32_t> const& rows, int channels, int taps, int words, int tileChannels);
 

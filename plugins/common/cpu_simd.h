@@ -82,7 +82,8 @@ inline void tapOffsets(PlaneLayout const& l, int kernelH, int kernelW, long long
     {
         for (int j = 0; j < kernelW; ++j)
         {
-            offsets[i * kernelW + j] = i * l.rowStride + static_cast<long long>(j % l.stride) * l.phaseWidth + j / l.stride;
+            offsets[i * kernelW + j]
+                = i * l.rowStride + static_cast<long long>(j % l.stride) * l.phaseWidth + j / l.stride;
         }
     }
 }

@@ -34,7 +34,8 @@ bool validParams(bdm_multibasis_conv_cpu_params const& p)
 
 } // namespace
 
-extern "C" int32_t bdm_multibasis_conv_cpu_out_size(int32_t length, int32_t kernel_size, int32_t stride, int32_t padding)
+extern "C" int32_t bdm_multibasis_conv_cpu_out_size(
+    int32_t length, int32_t kernel_size, int32_t stride, int32_t padding)
 {
     long long const span = static_cast<long long>(length) + 2LL * padding - kernel_size;
     return span < 0 || stride < 1 ? 0 : static_cast<int32_t>(span / stride + 1);

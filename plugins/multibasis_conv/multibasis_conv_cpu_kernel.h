@@ -191,7 +191,7 @@ inline void convolveRows(MultibasisConvLayer const& layer, MultibasisConvCall co
     int const blocks = layer.blocked.blocks;
     int const perBlock = kTileChannels / layer.numBases;
     long long const items = static_cast<long long>(call.batch) * g.outHeight * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
     for (long long item = 0; item < items; ++item)
     {
         long long const row = item / blocks;
@@ -261,15 +261,17 @@ inline void gatherColumns(Geometry const& g, uint32_t const* planes, int32_t con
             long long const q = p - n * g.outHw;
             int const oh = static_cast<int>(q / g.outWidth);
             int const ow = static_cast<int>(q - static_cast<long long>(oh) * g.outWidth);
-            uint32_t const* origin = planes + n * g.imageWords + static_cast<long long>(oh) * l.stride * l.rowStride + ow;
-            int32_t const* sumOrigin = sums + (n * g.paddedHeight + static_cast<long long>(oh) * l.stride) * g.sumRowStride + ow;
+            long long const row = static_cast<long long>(oh) * l.stride; // the window's first padded row
+            uint32_t const* origin = planes + n * g.imageWords + row * l.rowStride + ow;
+            int32_t const* sumOrigin = sums + (n * g.paddedHeight + row) * g.sumRowStride + ow;
             for (int tap = 0; tap < g.taps; ++tap)
             {
                 window += sumOrigin[sumOffsets[tap]];
                 for (int plane = 0; plane < l.planes; ++plane)
                 {
                     uint32_t const* src = origin + offsets[tap] + plane * l.words * l.wordStride();
-                    uint32_t* dst = columns + (static_cast<long long>(plane) * c.layout.words + tap * l.words) * width + p;
+                    uint32_t* dst
+                        = columns + (static_cast<long long>(plane) * c.layout.words + tap * l.words) * width + p;
                     for (int word = 0; word < l.words; ++word)
                     {
                         dst[word * width] = src[word * l.wordStride()];
@@ -296,7 +298,7 @@ inline void convolveColumns(MultibasisConvLayer const& layer, MultibasisConvCall
     long long const tiles = c.layout.phaseWidth / kTileWidth;
     long long const items = tiles * blocks;
     long long const zero = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
     for (long long item = 0; item < items; ++item)
     {
         long long const p0 = item / blocks * kTileWidth;
@@ -318,11 +320,15 @@ inline void convolveColumns(MultibasisConvLayer const& layer, MultibasisConvCall
     }
 }
 
-// Flat mode where row tiles would waste more than a quarter of their pixels.
-inline bool flatMode(Geometry const& g)
+constexpr long long kMaxColumnBytes = 64LL << 20;
+
+// Flat mode where row tiles would waste more than a quarter of their pixels, unless the columns would be large (a
+// big batch of narrow images): row mode needs no copy.
+inline bool flatMode(Geometry const& g, Columns const& c)
 {
     long long const rowTiles = (g.outWidth + kTileWidth - 1) / kTileWidth * kTileWidth;
-    return rowTiles * 4 > g.outWidth * 5LL;
+    long long const columnBytes = c.layout.rowStride * static_cast<long long>(sizeof(uint32_t));
+    return rowTiles * 4 > g.outWidth * 5LL && columnBytes <= kMaxColumnBytes;
 }
 
 inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
@@ -330,8 +336,8 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
     Geometry const g = geometry(layer, call);
     long long const planeWords = call.batch * g.imageWords;
     long long const sumWords = static_cast<long long>(call.batch) * g.paddedHeight * g.sumRowStride;
-    bool const flat = flatMode(g);
     Columns const columns = columnsFor(layer, g, call.batch);
+    bool const flat = flatMode(g, columns);
     long long const columnWords = flat ? columns.layout.rowStride + columns.layout.phaseWidth : 0;
     Scratch scratch(sizeof(long long) * 2 * g.taps + sizeof(uint32_t) * (planeWords + sumWords + columnWords));
     if (!scratch.ok())
@@ -350,7 +356,7 @@ inline int run(MultibasisConvLayer const& layer, MultibasisConvCall const& call)
     int32_t* sums = reinterpret_cast<int32_t*>(planes + planeWords);
     int const threads = threadCount(call.threads);
     long long const rows = static_cast<long long>(call.batch) * g.paddedHeight;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && rows > 1)
     for (long long row = 0; row < rows; ++row)
     {
         int const n = static_cast<int>(row / g.paddedHeight);

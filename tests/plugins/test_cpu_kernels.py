@@ -8,9 +8,11 @@ the spec's bound against the reference; act_bits 0 runs torch's float conv on W_
 instruction-set path this CPU runs and 1 vs 2 threads must give identical outputs.
 """
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +102,8 @@ def run_binary(kernels, op_type, attrs, constants, x, t=None):
 
 @pytest.mark.parametrize("case", BINARY_CASES, ids=lambda c: "cin{}_cout{}_k{}_{}x{}_n{}".format(*c))
 def test_binary_conv2d_is_bit_identical_to_the_reference(isas, case):
-    """Every pad_value, residual 0 / 1, every group and its boundaries (only t[0] counts), every path and thread count."""
+    """Every pad_value, residual 0 / 1, every group and its boundaries (only t[0] counts), every path and thread
+    count."""
     cin, cout, k, h, w, batch = case
     weight, alpha, tables = binary_layer(cin, cout, k, seed=cin * 1000 + cout)
     x = binary_input(cin, h, w, batch, seed=h * w)
@@ -220,6 +223,15 @@ def cuda_host_library():
                 "with the CUDA kernels' host path is checked where it is")
 
 
+# The forms of the CUDA tests, whose narrow outputs run in flat mode (im2col), plus outputs 64 and 30 wide that run in
+# row mode on every path, and a 1 x 1 image.
+CPU_FORMS = FORMS + [(2, 3, 1, 1, (3, 64)), (2, 3, 2, 1, (5, 60)), (1, 3, 1, 1, (64,)), (2, 3, 1, 1, (1, 1))]
+
+
+def form_id(form):
+    return "d{}_k{}_s{}_p{}_{}".format(*form[:4], "x".join(map(str, form[4])) or "1")
+
+
 def run_multibasis(kernels, inputs, attrs):
     x, weight, scale, bias, act_step = inputs
     run = kernels.prepare("MultiBasisConv", attrs, dict(weight=weight, scale=scale, bias=bias))
@@ -236,8 +248,7 @@ def cuda_host(library, inputs, attrs):
 
 @pytest.mark.parametrize("act_bits", [0, 4, 8])
 @pytest.mark.parametrize("num_bases", [1, 2])
-@pytest.mark.parametrize("form", FORMS + [(2, 3, 2, 1, (8, 40)), (2, 3, 1, 1, (1, 1))],
-                         ids=lambda f: "d{}_k{}_s{}_p{}_{}".format(*f[:4], "x".join(map(str, f[4]))))
+@pytest.mark.parametrize("form", CPU_FORMS, ids=form_id)
 def test_multibasis_conv_conforms_and_every_path_is_identical(isas, form, num_bases, act_bits):
     """Within the spec bound of the reference; every path and thread count bit-identical to the portable one."""
     for cin, cout in CHANNELS:
@@ -254,7 +265,7 @@ def test_multibasis_conv_conforms_and_every_path_is_identical(isas, form, num_ba
 
 @pytest.mark.parametrize("act_bits", [4, 8])
 @pytest.mark.parametrize("num_bases", [1, 2])
-@pytest.mark.parametrize("form", FORMS, ids=lambda f: "d{}_k{}_s{}_p{}".format(*f[:4]))
+@pytest.mark.parametrize("form", CPU_FORMS, ids=form_id)
 def test_multibasis_conv_equals_the_cuda_host_path(isas, cuda_host_library, form, num_bases, act_bits):
     for cin, cout in CHANNELS:
         inputs = random_case(cin, cout, form, num_bases, seed=cin + cout)
@@ -413,3 +424,31 @@ def test_build_failure_is_one_line(fake_cxx, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(BdmError, match=r"needs a C\+\+ compiler: \$CXX \(/nonexistent/c\+\+\) is not on PATH"):
         plugin_build.build_cpu()
+
+
+CROSSCHECK = Path(__file__).with_name("cpu_kernels_crosscheck.cpp")
+
+
+def crosscheck_digests(cxx, library: Path, out: Path, isa: int, runner=()) -> str:
+    """Build the crosscheck driver against `library` with `cxx` and run it on path `isa`: its digest lines."""
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{plugin_build.PLUGINS_DIR}", str(CROSSCHECK), f"-L{library.parent}",
+                    "-lbdm_cpu_kernels", f"-Wl,-rpath,{library.parent}", "-o", str(out)], check=True)
+    return subprocess.run([*runner, str(out), str(isa)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_the_portable_path_on_aarch64_gives_the_same_bits(isas, tmp_path, monkeypatch):
+    """The library cross-built for aarch64 (portable path only: the x86 translation units are empty there) and run
+    under qemu gives the same output bytes, layer by layer, as every path here."""
+    cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if not (cross and qemu):
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu, qemu-user)")
+    native = {isa: crosscheck_digests(plugin_build.find_cxx(), plugin_build.build_cpu(announce=False),
+                                      tmp_path / "native", cpu_kernels.ISA_CODES[isa]) for isa in isas}
+    assert len(set(native.values())) == 1 and "status 0 " in native["portable"], native
+    assert native["portable"].count("status 0 ") == 7, native["portable"]
+    monkeypatch.setenv("CXX", cross)
+    monkeypatch.setenv("BDM_CPU_KERNELS_CACHE", str(tmp_path / "cache"))
+    arm = crosscheck_digests(cross, plugin_build.build_cpu(announce=False), tmp_path / "arm", 0,
+                             runner=(qemu, "-L", "/usr/aarch64-linux-gnu"))
+    assert arm == native["portable"]
