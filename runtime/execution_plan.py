@@ -43,6 +43,7 @@ class PlanNode:
     outputs: List[str]
     fn: Callable
     fresh: bool = False          # its outputs never share memory with its inputs (else: maybe with inputs[0])
+    aliased_inputs: int = 1      # when not fresh: how many leading inputs its outputs may be views of
     in_place: Optional[Callable] = None   # fn variant that writes into inputs[0] (elementwise ops)
     shape_only: bool = False     # reads only the shapes of its inputs (Shape, Size)
     attributes: Dict[str, object] = field(default_factory=dict)
@@ -190,11 +191,12 @@ class ExecutionPlan:
         self._prologue_outputs = [self.slots[o] for i in self.prologue for o in self.nodes[i].outputs]
         persistent = prologue_values | set(self.input_names) | set(self.output_names)
 
-        # memory roots: a fresh output is its own root; any other output may be a view of the node's first input
+        # memory roots: a fresh output is its own root; any other output may be a view of the node's leading inputs
         roots: Dict[str, frozenset] = {name: frozenset([name]) for name in persistent}
         for node in self.nodes:
             for output in node.outputs:
-                roots.setdefault(output, frozenset([output]) if node.fresh else roots[node.inputs[0]])
+                roots.setdefault(output, frozenset([output]) if node.fresh else
+                                 frozenset().union(*(roots[v] for v in node.inputs[:node.aliased_inputs])))
 
         self._steps = {cached: self._liveness(cached, roots, persistent) for cached in (False, True)}
 

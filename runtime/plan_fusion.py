@@ -5,6 +5,9 @@ over the activation instead of five.
 - GroupNorm: Reshape(x, [0, G, -1]) -> InstanceNormalization(scale 1, bias 0) -> Reshape(Shape(x)) -> Mul(gamma)
   -> Add(beta), gamma and beta constant [C, 1, ...] -> torch group_norm(x, G, gamma, beta, eps).
 - SiLU: Mul(a, Sigmoid(a)) -> torch silu(a); directly after a fused GroupNorm it runs in place on its output.
+- Slices of a Concat: a Concat read only by Slices (and Shape) is not materialized; each Slice whose range lies in
+  one of the concatenated tensors is a view of that tensor (the U-Net's skip joins, cut into halves again by
+  CS-Fusion), any other concatenates first.
 
 A chain is fused only where its intermediate values have no other reader and are not graph outputs.
 """
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bdm.runtime.execution_plan import PlanNode
+from bdm.runtime.torch_ops import slice_bounds
 
 
 class _Graph:
@@ -118,7 +122,54 @@ def fuse(nodes: List[PlanNode], constants: Dict[str, torch.Tensor], protected: S
                 replaced[id(node)] = PlanNode(f"{mul.name}+SiLU", "SiLU", [node.inputs[0]], list(mul.outputs),
                                               F.silu, fresh=True)
                 replaced[id(mul)] = None
+    for node in nodes:
+        if node.op_type == "Concat" and _read_by_slices(graph, node):
+            replaced[id(node)] = None
+            for reader in graph.readers[node.outputs[0]]:
+                replaced[id(reader)] = _from_parts(node, reader)
     return [replaced.get(id(n), n) for n in nodes if replaced.get(id(n), n) is not None]
+
+
+def _read_by_slices(graph: _Graph, concat: PlanNode) -> bool:
+    value = concat.outputs[0]
+    readers = graph.readers.get(value, [])
+    return value not in graph.protected and any(r.op_type == "Slice" for r in readers) and all(
+        (r.op_type == "Slice" and r.inputs.index(value) == 0 and r.inputs.count(value) == 1)
+        or (r.op_type == "Shape" and r.inputs == [value]) for r in readers)
+
+
+def _from_parts(concat: PlanNode, reader: PlanNode) -> PlanNode:
+    """`reader` (a Slice or Shape of the Concat) computed from the concatenated tensors themselves."""
+    axis, count = concat.attributes["axis"], len(concat.inputs)
+    inputs = concat.inputs + reader.inputs[1:]
+    if reader.op_type == "Shape":
+        start, end = reader.attributes.get("start", 0), reader.attributes.get("end")
+
+        def shape(*parts):
+            dims = list(parts[0].shape)
+            dims[axis] = sum(part.shape[axis] for part in parts)
+            return torch.tensor(dims[start:end], dtype=torch.int64)
+
+        return PlanNode(reader.name, "Shape", inputs, list(reader.outputs), shape, fresh=True, shape_only=True)
+    whole_slice = reader.fn
+
+    def slice_of_parts(*inputs):
+        parts, params = inputs[:count], inputs[count:]
+        starts, ends = params[0].reshape(-1), params[1].reshape(-1)
+        rank = parts[0].dim()
+        axes = params[2].reshape(-1) if len(params) > 2 and params[2] is not None else torch.tensor([0])
+        steps = params[3].reshape(-1) if len(params) > 3 and params[3] is not None else torch.tensor([1])
+        if starts.numel() == 1 and int(axes[0]) % rank == axis % rank and int(steps[0]) == 1:
+            sizes = [part.shape[axis] for part in parts]
+            start, end = slice_bounds(sum(sizes), int(starts[0]), int(ends[0]), 1)
+            offset = 0
+            for part, size in zip(parts, sizes):
+                if offset <= start and end <= offset + size and start < end:
+                    return part.narrow(axis, start - offset, end - start)
+                offset += size
+        return whole_slice(torch.cat(parts, axis), *params)
+
+    return PlanNode(reader.name, "Slice", inputs, list(reader.outputs), slice_of_parts, aliased_inputs=count)
 
 
 def _silu_chain(graph: _Graph, value: str):

@@ -187,18 +187,20 @@ def _gather(node: NodeView):
     return gather
 
 
+def slice_bounds(dim: int, start: int, end: int, step: int):
+    """ONNX Slice's clamping of (start, end) along an axis of length dim."""
+    if step == 0:
+        raise ValueError("Slice step 0")
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), dim), min(max(end, 0), dim)
+    return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+
+
 def _slice(node: NodeView):
     if node.opset < 10:
         node.refuse("Slice before opset 10 (attributes) is not supported")
-
-    def bounds(dim: int, start: int, end: int, step: int):
-        if step == 0:
-            raise ValueError("Slice step 0")
-        start = start + dim if start < 0 else start
-        end = end + dim if end < 0 else end
-        if step > 0:
-            return min(max(start, 0), dim), min(max(end, 0), dim)
-        return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
 
     def slice_(data, starts, ends, axes=None, steps=None):
         starts, ends = _ints(starts), _ints(ends)
@@ -208,7 +210,7 @@ def _slice(node: NodeView):
         reversed_axes = []
         for start, end, axis, step in zip(starts, ends, axes, steps):
             axis = _axis(axis, data.dim())
-            start, end = bounds(data.shape[axis], start, end, step)
+            start, end = slice_bounds(data.shape[axis], start, end, step)
             if step > 0:
                 index[axis] = slice(start, max(start, end), step)
             else:
