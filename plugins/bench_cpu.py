@@ -8,10 +8,13 @@ node, intra-op threads = this machine's cores) and torch's conv2d of the same sh
 - with --network: all 56 BIConv layers of one step of the released x4 network (random weights, 64 -> 256), the
   kernels against the same layers in PyTorch eager.
 
-    python -m bdm.plugins.bench_cpu [--repeats 15] [--isa avx512|avx2|portable] [--threads N] [--network]
+    python -m bdm.plugins.bench_cpu [--repeats 15] [--isa avx512|avx2|portable] [--threads N] [--network] [--cpu-time]
 
 Prints one row per layer: median milliseconds (rounds interleave the contestants, so the machine's load hits all
-alike) and the kernel's speed-up over each. bench_rows() returns the rows (for `bdm bench`).
+alike) and the kernel's speed-up over each. bench_rows() returns the rows (for `bdm bench`). --cpu-time runs every
+contestant on one thread and times the CPU time of that thread instead of the wall clock: per-core ratios that a
+busy, shared machine does not distort (OpenMP threads spinning at barriers while other processes hold the cores
+inflate multi-threaded wall times there).
 """
 
 import argparse
@@ -36,16 +39,33 @@ LAYERS = [
 ]
 
 
-def median_ms(contestants: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Dict[str, float]:
-    """Median wall time of each contestant in milliseconds; each round runs every contestant once."""
+def median_ms(contestants: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+              clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Median time of each contestant in milliseconds by `clock` (wall, or time.thread_time for the calling thread's
+    CPU time); each round runs every contestant once."""
     times = {name: [] for name in contestants}
     for round_index in range(warmup + repeats):
         for name, fn in contestants.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if round_index >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((clock() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class _OneThread:
+    """torch on one thread inside the block (the CPU-time mode: every contestant on the calling thread)."""
+
+    def __enter__(self):
+        import torch
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.threads)
 
 
 def _ort_conv(weight: np.ndarray, bias: np.ndarray, x_shape, threads: int):
@@ -87,15 +107,19 @@ def _bdm_layer(kernels, op: str, channels: int, rng: np.random.Generator):
 
 
 def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[int] = None,
-               layers=LAYERS) -> List[dict]:
-    """One row per layer: {layer, shape, isa, threads, bdm_ms, ort_ms, torch_ms, vs_ort, vs_torch}."""
+               layers=LAYERS, cpu_time: bool = False) -> List[dict]:
+    """One row per layer: {layer, shape, isa, threads, bdm_ms, ort_ms, torch_ms, vs_ort, vs_torch}. cpu_time: every
+    contestant on one thread, timed by the calling thread's CPU time."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
     from bdm.plugins import cpu_kernels
 
-    kernels = cpu_kernels.load(isa, threads)
-    cores = os.cpu_count() or 1
+    kernels = cpu_kernels.load(isa, 1 if cpu_time else threads)
+    cores = 1 if cpu_time else os.cpu_count() or 1
+    clock = time.thread_time if cpu_time else time.perf_counter
     rng = np.random.default_rng(0)
     rows = []
     for op, channels, size, where in layers:
@@ -106,10 +130,10 @@ def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[i
         x_numpy = x.numpy()
         weight_t, bias_t = torch.from_numpy(weight), torch.from_numpy(bias)
         run, inputs = _bdm_layer(kernels, op, channels, rng)
-        with torch.no_grad():
+        with torch.no_grad(), (_OneThread() if cpu_time else contextlib.nullcontext()):
             times = median_ms({"bdm": lambda: run(x=x, **inputs),
                                "ort": lambda: session.run(None, {"x": x_numpy}),
-                               "torch": lambda: F.conv2d(x, weight_t, bias_t, padding=1)}, repeats)
+                               "torch": lambda: F.conv2d(x, weight_t, bias_t, padding=1)}, repeats, clock=clock)
         rows.append(dict(layer=f"{op} ({where})", shape=f"C={channels} {size}x{size}", isa=kernels.isa,
                          threads=kernels.threads, bdm_ms=times["bdm"], ort_ms=times["ort"],
                          torch_ms=times["torch"], vs_ort=times["ort"] / times["bdm"],
@@ -117,16 +141,19 @@ def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[i
     return rows
 
 
-def network_row(repeats: int = 5, isa: Optional[str] = None, threads: Optional[int] = None, size: int = 256) -> dict:
+def network_row(repeats: int = 5, isa: Optional[str] = None, threads: Optional[int] = None, size: int = 256,
+                cpu_time: bool = False) -> dict:
     """The 56 BIConv layers of one step of the released x4 network at a size x size output: their total time on the
     kernels vs in PyTorch eager (the same modules, deploy arithmetic), as medians of `repeats` steps."""
+    import contextlib
+
     import torch
 
     from bdm.export.bidiffsr import biconvs
     from bdm.plugins import cpu_kernels, packing
     from bdm.runtime.bench import released_model
 
-    kernels = cpu_kernels.load(isa, threads)
+    kernels = cpu_kernels.load(isa, 1 if cpu_time else threads)
     model = released_model()
     layers = biconvs(model)
     inputs = {}
@@ -154,8 +181,9 @@ def network_row(repeats: int = 5, isa: Optional[str] = None, threads: Optional[i
         for _, module, x in prepared:
             module(x, t)
 
-    with torch.no_grad():
-        times = median_ms({"bdm": on_kernels, "torch": in_torch}, repeats, warmup=1)
+    with torch.no_grad(), (_OneThread() if cpu_time else contextlib.nullcontext()):
+        times = median_ms({"bdm": on_kernels, "torch": in_torch}, repeats, warmup=1,
+                          clock=time.thread_time if cpu_time else time.perf_counter)
     return dict(layer=f"all {len(prepared)} BIConv of one released x4 step", shape=f"{size}x{size} output",
                 isa=kernels.isa, threads=kernels.threads, bdm_ms=times["bdm"], torch_ms=times["torch"],
                 vs_torch=times["torch"] / times["bdm"])
@@ -180,16 +208,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: torch's)")
     parser.add_argument("--network", action="store_true",
                         help="also time all BIConv layers of one released x4 step (builds the 51 M-parameter model)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread each, timed by CPU time (per-core ratios a busy machine does not distort)")
     args = parser.parse_args(argv)
     try:
-        rows = bench_rows(args.repeats, args.isa, args.threads)
+        rows = bench_rows(args.repeats, args.isa, args.threads, cpu_time=args.cpu_time)
         if args.network:
-            rows.append(network_row(max(3, args.repeats // 3), args.isa, args.threads))
+            rows.append(network_row(max(3, args.repeats // 3), args.isa, args.threads, cpu_time=args.cpu_time))
     except BdmError as e:
         print(f"bdm: error: {e}", file=sys.stderr)
         return 2
-    print(f"bdm CPU kernels: path {rows[0]['isa']}, {rows[0]['threads']} threads; ONNX Runtime and torch: "
-          f"{os.cpu_count()} cores; medians of {args.repeats} interleaved rounds")
+    if args.cpu_time:
+        setup = "every contestant on one thread, CPU time of that thread"
+    else:
+        setup = (f"bdm {rows[0]['threads']} threads, ONNX Runtime and torch {os.cpu_count()} cores, wall time")
+    print(f"bdm CPU kernels: path {rows[0]['isa']}; {setup}; medians of {args.repeats} interleaved rounds")
     print(format_rows(rows))
     return 0
 

@@ -7,7 +7,9 @@ Rows: every layer golden of shared/reference/binarydm in static, dynamic and w1a
 every form (conv2d k3 / k3 stride 2 / k1, conv1d, linear; 1 and 2 bases; act_bits 0, 4, 8) against the reference.
 Columns: max|y - y_ref| / max|y_ref| of each kernel (simple, tensor_core) on each side here: the C ABI's host path
 (the device code on the CPU, the tensor cores' mma emulated) and, with a CUDA GPU, the kernels (plus whether both
-equal the host path bit for bit). The spec's bound is 1e-5.
+equal the host path bit for bit); then the bit-packed CPU kernels (bdm.plugins.cpu_kernels, this CPU's fastest
+path) and whether they equal the host path bit for bit (act_bits 4 / 8; at act_bits 0 they run torch's float conv).
+The spec's bound is 1e-5.
 """
 
 import argparse
@@ -76,12 +78,19 @@ def random_layer(form, num_bases, act_bits, seed, cin=72, cout=48):
     return inputs, attrs, ref.multibasis_conv(*inputs, **attrs)
 
 
-def run_backends(inputs, attrs, library, gpu: bool):
+def run_backends(inputs, attrs, library, gpu: bool, cpu=None):
     """{backend: y}: both kernels on the host path (the tensor-core one with the mma emulated) and, with a GPU,
-    on the GPU. act_bits 0 has only the float kernel (the tensor-core choice falls back to it)."""
+    on the GPU; with `cpu` (loaded CpuKernels) the CPU kernels. act_bits 0 has only the float kernel (the tensor-core
+    choice falls back to it)."""
     from bdm.plugins import kernels
 
     out = {}
+    if cpu is not None:
+        import torch
+
+        x, weight, scale, bias, act_step = inputs
+        run = cpu.prepare("MultiBasisConv", attrs, dict(weight=weight, scale=scale, bias=bias))
+        out["cpu"] = run(x=torch.from_numpy(x), act_step=torch.from_numpy(act_step)).numpy()
     for side in ("host", "gpu") if gpu else ("host",):
         for algo in ("simple", "tensor_core"):
             args = inputs
@@ -94,12 +103,27 @@ def run_backends(inputs, attrs, library, gpu: bool):
     return out
 
 
-def row(label, backends, expected):
-    text = f"{label:<44}" + "".join(f"{relative(y, expected):>17.2e}" for y in backends.values())
+def row(label, backends, expected, act_bits):
+    order = [name for name in backends if name != "cpu"] + (["cpu"] if "cpu" in backends else [])
+    text = f"{label:<44}" + "".join(f"{relative(backends[name], expected):>17.2e}" for name in order)
     if "gpu-simple" in backends:
         same = all(backends[f"gpu-{a}"].tobytes() == backends[f"host-{a}"].tobytes() for a in ("simple", "tensor_core"))
         text += f"{'yes' if same else 'NO':>10}"
+    if "cpu" in backends:
+        same = backends["cpu"].tobytes() == backends["host-simple"].tobytes()
+        text += f"{('yes' if same else 'NO') if act_bits else '-':>10}"
     return text
+
+
+def cpu_kernels_here():
+    """The CPU kernels, or None (with a line saying why) where they cannot run."""
+    from bdm.plugins import cpu_kernels
+
+    try:
+        return cpu_kernels.load()
+    except cpu_kernels.CpuKernelsUnavailable as e:
+        print(f"(no CPU kernels column: {e})")
+        return None
 
 
 def main(argv=None):
@@ -115,16 +139,22 @@ def main(argv=None):
 
         gpu = torch.cuda.is_available()
         sides = ("host", "gpu") if gpu else ("host",)
-        header = f"{'case':<44}" + "".join(f"{s + '-' + a:>17}" for s in sides for a in ("simple", "tensor_core"))
-        header += f"{'gpu==host':>10}" if gpu else ''
         print(f"MultiBasisConv kernels: max|y - y_ref| / max|y_ref| (spec bound 1e-5); "
               f"{'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU: host path only'}")
+        cpu = cpu_kernels_here()
+        if cpu:
+            print(f"column cpu: the bit-packed CPU kernels, path {cpu.isa}")
+        header = f"{'case':<44}" + "".join(f"{s + '-' + a:>17}" for s in sides for a in ("simple", "tensor_core"))
+        header += f"{'cpu':>17}" if cpu else ""
+        header += f"{'gpu==host':>10}" if gpu else ""
+        header += f"{'cpu==host':>10}" if cpu else ""
         print(header)
         print("-" * len(header))
         if reference.is_dir():
             for case in LAYER_CASES:
                 for mode, (inputs, attrs, official) in golden_layer(reference, case).items():
-                    print(row(f"golden {case} {mode}", run_backends(inputs, attrs, args.library, gpu), official))
+                    print(row(f"golden {case} {mode}", run_backends(inputs, attrs, args.library, gpu, cpu), official,
+                              attrs["act_bits"]))
         else:
             print(f"(no BinaryDM goldens at {reference}: golden rows skipped; pass --reference)")
         for i, form in enumerate(FORMS):
@@ -132,7 +162,7 @@ def main(argv=None):
                 for act_bits in (0, 4, 8):
                     inputs, attrs, expected = random_layer(form, num_bases, act_bits, seed=i * 10 + num_bases)
                     label = f"random d{form[0]} k{form[1]} s{form[2]} p{form[3]} bases {num_bases} A{act_bits or 32}"
-                    print(row(label, run_backends(inputs, attrs, args.library, gpu), expected))
+                    print(row(label, run_backends(inputs, attrs, args.library, gpu, cpu), expected, act_bits))
     except BdmError as e:
         print(f"check_multibasis_conv: error: {e}", file=sys.stderr)
         return 2

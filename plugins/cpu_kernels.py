@@ -6,6 +6,7 @@ is built on first use with the system C++ compiler (bdm.plugins.build.build_cpu)
     why_not = kernels.supports(op_type, attributes)         # None, or why this node form is not supported
     run = kernels.prepare(op_type, attributes, constants)   # weights repacked once for the instruction set
     y = run(x=x, t=t)                                       # runtime inputs by spec name -> new float32 tensor
+    run(x=x, t=t, out=buffer)                               # or into a buffer the caller reuses (no page faults)
 
 - BinaryConv2d / BinarySignConv2d: outputs bit-identical to the spec's NumPy reference (plugins/reference.py).
 - MultiBasisConv act_bits 4 / 8: bit-serial popcount over the activation codes' bit-planes, equal bit for bit to the
@@ -187,6 +188,9 @@ class CpuKernels:
             attrs = reference.complete_attributes(op_type, dict(attributes))
         except ValueError as e:
             return f"{op_type}: {e}"
+        for name in ("in_channels", "out_channels"):
+            if attrs[name] < 1:
+                return f"{op_type}: {name} = {attrs[name]} must be >= 1"
         if op_type == "BinaryConv2d" and attrs["residual"] and attrs["in_channels"] != attrs["out_channels"]:
             return (f"BinaryConv2d with residual 1 needs in_channels == out_channels "
                     f"(got {attrs['in_channels']} -> {attrs['out_channels']})")
@@ -197,15 +201,12 @@ class CpuKernels:
                     _multibasis_weight_shape(attrs), **{k: attrs[k] for k in _MULTIBASIS_SHAPE_ATTRIBUTES})
             except ValueError as e:
                 return str(e)
-        for name in ("in_channels", "out_channels"):
-            if attrs[name] < 1:
-                return f"{op_type}: {name} = {attrs[name]} must be >= 1"
         return None
 
     def prepare(self, op_type: str, attributes: dict, constants: dict) -> Callable:
         """A callable running this node: weights repacked once now, each call takes the runtime inputs (torch CPU
-        tensors) by spec name and returns y, a new contiguous float32 tensor. Raises CpuKernelsUnavailable for a node
-        form or constant the kernels do not take."""
+        tensors) by spec name and returns y, a new contiguous float32 tensor (or `out=`, filled). Raises
+        CpuKernelsUnavailable for a node form or constant the kernels do not take."""
         reason = self.supports(op_type, attributes)
         if reason:
             raise CpuKernelsUnavailable(reason)
@@ -249,14 +250,33 @@ class _Prepared:
         self._kernels = kernels
         self._lib = kernels._lib
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, out=None, **kwargs):
+        """y of the runtime inputs. out: an optional contiguous float32 CPU tensor of y's shape to write y into (and
+        return), so a caller can reuse buffers instead of a fresh allocation per call (whose page faults cost about
+        as much as a small layer); it must not share memory with x."""
         if len(args) > len(self.runtime_inputs):
             raise BdmError(f"{self.op_type} takes the runtime inputs {list(self.runtime_inputs)}; got {len(args)} "
                            f"positional")
         given = dict(zip(self.runtime_inputs, args), **kwargs)
         if sorted(given) != sorted(self.runtime_inputs):
             raise BdmError(f"{self.op_type} takes the runtime inputs {list(self.runtime_inputs)}; got {sorted(given)}")
-        return self._run(**given)
+        return self._run(out=out, **given)
+
+    def _output(self, shape: tuple, out, x):
+        """`out` checked against y's shape, or a new tensor."""
+        import torch
+
+        if out is None:
+            return torch.empty(shape, dtype=torch.float32)
+        if (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device.type != "cpu"
+                or tuple(out.shape) != tuple(shape) or not out.is_contiguous()):
+            described = (f"{str(out.dtype).replace('torch.', '')} {list(out.shape)} on {out.device}"
+                         if isinstance(out, torch.Tensor) else type(out).__name__)
+            raise BdmError(f"{self.op_type}: out must be a contiguous float32 CPU tensor of shape {list(shape)}; got "
+                           f"{described}")
+        if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise BdmError(f"{self.op_type}: out shares memory with x; the kernels read x while they write y")
+        return out
 
     def _activation(self, x, rank: int):
         """x as a contiguous float32 CPU tensor of the node's rank and in_channels."""
@@ -303,12 +323,10 @@ class _PreparedBinaryConv(_Prepared):
         self._handle_value = self._handle(self._lib.bdm_binary_conv_cpu_prepare, params,
                                           self._lib.bdm_binary_conv_cpu_release)
 
-    def _run(self, x, t=None):
-        import torch
-
+    def _run(self, x, t=None, out=None):
         x = self._activation(x, 4)
         n, _, h, w = x.shape
-        y = torch.empty((n, self.attributes["out_channels"], h, w), dtype=torch.float32)
+        y = self._output((n, self.attributes["out_channels"], h, w), out, x)
         if y.numel() == 0:
             return y
         group = 0
@@ -339,7 +357,7 @@ class _PreparedMultibasisConv(_Prepared):
         self._handle_value = self._handle(self._lib.bdm_multibasis_conv_cpu_prepare, params,
                                           self._lib.bdm_multibasis_conv_cpu_release)
 
-    def _run(self, x, act_step):
+    def _run(self, x, act_step, out=None):
         import torch
 
         dims = self.attributes["spatial_dims"]
@@ -355,16 +373,13 @@ class _PreparedMultibasisConv(_Prepared):
         if out_h <= 0 or out_w <= 0:
             raise BdmError(f"MultiBasisConv: x of shape {list(x.shape)} is shorter than the kernel ({k}) with "
                            f"padding {padding}")
-        y = torch.empty((n, cout, out_h, out_w), dtype=torch.float32)
+        shape = (n, cout) + (out_h, out_w)[2 - dims:]  # the node's form: spatial_dims trailing axes
+        y = self._output(shape, out, x)
         if y.numel() == 0:
-            return y.reshape(self._output_shape(y))
+            return y
         call = _MultibasisCall(x4.data_ptr(), y.data_ptr(), n, h, w, step, self._kernels.threads)
         self._check(self._lib.bdm_multibasis_conv_cpu_run(self._handle_value, ctypes.byref(call)), self.op_type)
-        return y.reshape(self._output_shape(y))
-
-    def _output_shape(self, y) -> tuple:
-        """y's [N, O, out_h, out_w] in the node's form: spatial_dims trailing axes."""
-        return tuple(y.shape[:2]) + tuple(y.shape[4 - self.attributes["spatial_dims"]:])
+        return y
 
 
 class _FloatMultibasisConv(_Prepared):
@@ -387,7 +402,7 @@ class _FloatMultibasisConv(_Prepared):
         self._weight = torch.from_numpy(np.ascontiguousarray(w_hat, dtype=np.float32))
         self._bias = torch.from_numpy(bias.copy())
 
-    def _run(self, x, act_step=None):
+    def _run(self, x, act_step=None, out=None):
         import torch
         import torch.nn.functional as F
 
@@ -395,7 +410,9 @@ class _FloatMultibasisConv(_Prepared):
         x = self._activation(x, 2 + dims)
         with torch.no_grad():
             if dims == 0:
-                return F.linear(x, self._weight, self._bias).contiguous()
-            conv = F.conv2d if dims == 2 else F.conv1d
-            return conv(x, self._weight, self._bias, stride=self.attributes["stride"],
-                        padding=self.attributes["padding"]).contiguous()
+                y = F.linear(x, self._weight, self._bias)
+            else:
+                conv = F.conv2d if dims == 2 else F.conv1d
+                y = conv(x, self._weight, self._bias, stride=self.attributes["stride"],
+                         padding=self.attributes["padding"])
+        return y.contiguous() if out is None else self._output(tuple(y.shape), out, x).copy_(y)

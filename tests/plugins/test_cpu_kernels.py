@@ -342,6 +342,33 @@ def test_unsupported_inputs_are_refused_in_one_line(isas):
         run(x=torch.zeros(1, 9, 4, 4))
 
 
+def test_outputs_go_into_a_given_buffer(isas):
+    """out=: y written into the caller's tensor (the same bits as a fresh one) and returned; a wrong buffer, or one
+    sharing memory with x, is refused."""
+    kernels = cpu_kernels.load()
+    weight, alpha, tables = binary_layer(40, 40, 3, seed=2)
+    x = torch.from_numpy(binary_input(40, 5, 7, 2, seed=2))
+    t = torch.tensor([700, 0])
+    run = kernels.prepare("BinaryConv2d", dict(in_channels=40, out_channels=40, kernel_size=3),
+                          dict(weight=weight, alpha=alpha, **tables))
+    out = torch.full((2, 40, 5, 7), float("nan"))
+    assert run(x=x, t=t, out=out) is out
+    assert_bit_identical(out.numpy(), run(x=x, t=t).numpy(), "BinaryConv2d out=")
+    for form, act_bits in (((0, 1, 1, 0, ()), 4), ((2, 3, 2, 1, (9, 7)), 8), ((1, 3, 1, 1, (11,)), 0)):
+        inputs = random_case(40, 24, form, 2, seed=4)
+        attrs = attributes(40, 24, form, 2, act_bits)
+        mrun = kernels.prepare("MultiBasisConv", attrs, dict(weight=inputs[1], scale=inputs[2], bias=inputs[3]))
+        feed = dict(x=torch.from_numpy(inputs[0]), act_step=torch.from_numpy(inputs[4]))
+        fresh = mrun(**feed)
+        out = torch.full(fresh.shape, float("nan"))
+        assert mrun(**feed, out=out) is out
+        assert_bit_identical(out.numpy(), fresh.numpy(), f"MultiBasisConv {form} act_bits {act_bits} out=")
+    with pytest.raises(BdmError, match=r"out must be a contiguous float32 CPU tensor of shape \[2, 40, 5, 7\]"):
+        run(x=x, t=t, out=torch.zeros(2, 40, 5, 6))
+    with pytest.raises(BdmError, match="out shares memory with x"):
+        run(x=x, t=t, out=x)
+
+
 def test_isa_choice(isas, monkeypatch):
     """$BDM_CPU_ISA forces a path; an unknown name is one clear error; the default is the fastest path."""
     assert cpu_kernels.load().isa == cpu_kernels.load(isas[0]).isa
