@@ -43,6 +43,24 @@ def test_bidiffsr_exports_match_onnxruntime_at_every_group_boundary(small_x4_onn
         assert max(errors) <= BOUND, (path.name, errors)
 
 
+def test_bidiffsr_net_golden_at_every_timestep(bi_ref, small_x4_onnx, small_x4_unfused_onnx, capsys):
+    """The official network outputs (net_golden: every golden t, and one batch of mixed t where only t[0] selects the
+    group) from both export forms on the CPU kernels, within the foundation bound of the official y."""
+    g = np.load(bi_ref / "net_golden.npz")
+    fused, unfused = (CpuKernelRunner(p, kernels=real_kernels()) for p in (small_x4_onnx, small_x4_unfused_onnx))
+    rows = []
+    for i, t in enumerate(g["timesteps"]):
+        feed = {"x_t": g["x"], "cond": g["c"], "t": np.full(g["x"].shape[0], t, np.int64)}
+        rows.append((int(t), rel(g["y"][i], fused.infer(feed)["eps"]), rel(g["y"][i], unfused.infer(feed)["eps"])))
+    mixed = rel(g["y_mixed_t"], fused.infer({"x_t": g["x"], "cond": g["c"], "t": g["mixed_t"].reshape(-1)})["eps"])
+    with capsys.disabled():
+        print("\n[net_golden, bdm CPU kernels] t: rel err vs official (fused / unfused)")
+        for t, a, b in rows:
+            print(f"  t={t:<5} {a:.2e} / {b:.2e}")
+        print(f"  mixed t {g['mixed_t'].reshape(-1).tolist()}: {mixed:.2e}")
+    assert max(max(a, b) for _, a, b in rows) <= BOUND and mixed <= BOUND
+
+
 @pytest.mark.parametrize("mode", ["static", "w1a32", "fp"])
 def test_binarydm_exports_match_onnxruntime(unet_onnx, mode):
     """Static mode's codes agree on these feeds; dynamic mode's rounding-level code flips are judged by the
