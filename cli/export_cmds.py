@@ -62,11 +62,13 @@ def validate(
     shape: str = typer.Option("1x64x64", help="Input shape NxHxW (H, W multiples of 8; inside the engine profile)."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
 ):
-    """Output parity between PyTorch, ONNX Runtime and (optionally) TensorRT, via Polygraphy's Comparator."""
+    """Output parity between PyTorch, ONNX Runtime, the bdm CPU kernels and (optionally) TensorRT, via Polygraphy's
+    Comparator."""
     from bdm.export.validate import validate_file
+    from bdm.runtime.kernel_runner import comparison_runner
 
     report = validate_file(model, ckpt, config=config, engine=engine, plugins=plugins, shape=shape, seed=seed,
-                           log=typer.echo)
+                           log=typer.echo, open_kernels=lambda: comparison_runner(model, typer.echo))
     failed = [c for c in report.cases if not c.passed]
     if failed:
         raise BdmError(f"{len(failed)} of {len(report.cases)} comparisons exceed {report.tolerance:.0e} * max|eps| "

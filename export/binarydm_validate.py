@@ -87,26 +87,48 @@ def probed_quantizers(model: onnx.ModelProto) -> List[ProbedQuantizer]:
     return found
 
 
-class OnnxProbe:
-    """ONNX Runtime on the model with every MultiBasisConv node's input, step and output, and every attention
-    quantizer's input and step, as extra outputs."""
+class ProbedValues:
+    """Every MultiBasisConv node's input, step and output, and every attention quantizer's input and step, by graph
+    value name (`names`, eps first), from one run of a runner of the exported file."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.nodes = probed_nodes(model)
+        self.quantizers = probed_quantizers(model)
+        values = {n for node in self.nodes for n in (node.x, node.act_step, node.y) if n}
+        values |= {n for q in self.quantizers for n in (q.x, q.step)}
+        self.names = [OUTPUT_NAME] + sorted(values)
+
+    def run(self, feed) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class OnnxProbe(ProbedValues):
+    """ONNX Runtime on the model with the probed values as extra outputs."""
 
     def __init__(self, model: onnx.ModelProto):
         import onnxruntime as ort
 
-        self.nodes = probed_nodes(model)
-        self.quantizers = probed_quantizers(model)
+        super().__init__(model)
         probed = onnx.ModelProto()
         probed.CopyFrom(model)
-        values = {n for node in self.nodes for n in (node.x, node.act_step, node.y) if n}
-        values |= {n for q in self.quantizers for n in (q.x, q.step)}
-        self.names = [OUTPUT_NAME] + sorted(values)
         probed.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                    for n in self.names[1:])
         self.session = ort.InferenceSession(probed.SerializeToString(), providers=["CPUExecutionProvider"])
 
     def run(self, feed) -> Dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(self.names, dict(feed))))
+
+
+class RunnerProbe(ProbedValues):
+    """The probed values from a runner that reads graph values, `runner.values(feed, names)` (the CPU kernels
+    runner)."""
+
+    def __init__(self, model: onnx.ModelProto, runner):
+        super().__init__(model)
+        self.runner = runner
+
+    def run(self, feed) -> Dict[str, np.ndarray]:
+        return self.runner.values(feed, self.names[1:])
 
 
 @contextlib.contextmanager
@@ -163,7 +185,7 @@ def codes(x: np.ndarray, step, bits: int) -> np.ndarray:
     return np.round(np.clip(np.asarray(x, np.float32) / np.float32(step), qn, qp))
 
 
-def onnx_quantizers(model, ours, probe: OnnxProbe) -> Dict[str, Tuple[np.ndarray, np.float32]]:
+def onnx_quantizers(model, ours, probe: ProbedValues) -> Dict[str, Tuple[np.ndarray, np.float32]]:
     """ActQuantizer path -> (ONNX Runtime's input, its effective step) for every quantizer that ran."""
     layers = dict(binarized_layers(model))
     found = {}
@@ -243,7 +265,7 @@ class CaseResult:
             text += f"; the free runs part at {self.first_divergence}"
         if self.forced_rel is not None:
             f = self.flips
-            text += (f"; with ONNX Runtime's codes: rel {self.forced_rel:.2e}, {f.codes} codes flipped in "
+            text += (f"; with {self.runner}'s codes: rel {self.forced_rel:.2e}, {f.codes} codes flipped in "
                      f"{f.quantizers} quantizers")
             if f.codes:
                 text += f" (all within {f.margin:.1e} of a rounding midpoint, worst at {f.worst})"
@@ -260,14 +282,15 @@ class ValidationReport(ParityReport):
         return max(c.rel for c in self.cases)
 
     def details(self) -> str:
-        # ONNX Runtime cases that passed through the forced-codes diagnosis (an engine's cases have none)
+        # the cases that passed through the forced-codes diagnosis (ONNX Runtime's, the CPU kernels'; an engine's
+        # have none)
         chaotic = [c for c in self.cases if c.rel > self.tolerance and c.forced_rel is not None]
         if not chaotic:
             return ""
         layers = max(c.worst_layer[1] for c in self.cases)
         forced = max(c.forced_rel for c in chaotic)
         return (f"; {len(chaotic)} parted at rounding-level 4-bit code flips (chaotic {self.mode} mode): with "
-                f"ONNX Runtime's codes {forced:.1e}, every layer teacher-forced within {layers:.1e}")
+                f"the runner's own codes {forced:.1e}, every layer teacher-forced within {layers:.1e}")
 
 
 def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: int = 2, seed: int = 0):
@@ -276,14 +299,46 @@ def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: 
              "t": np.full(batch, t0, np.int64)} for t0 in timesteps]
 
 
+def _probed_case(runner: str, probe: ProbedValues, model, layers, mode: str, feed, reference,
+                 torch_values) -> CaseResult:
+    """One runner's case on one feed, judged as the module doc says, from the values `probe` reads."""
+    ours = probe.run(feed)
+    case = CaseResult(int(feed["t"][0]), relative_error(reference, ours[OUTPUT_NAME]), False, runner)
+    for node in probe.nodes:
+        layer = layers[node.path]
+        with forced_step(layer, ours[node.act_step] if node.act_step else None), torch.no_grad():
+            forced = layer(torch.from_numpy(ours[node.x])).numpy()
+        rel = relative_error(forced, ours[node.y])
+        case.layers += 1
+        if rel >= case.worst_layer[1]:
+            case.worst_layer = (node.path, rel)
+    case.passed = case.worst_layer[1] <= TOLERANCE and case.rel <= TOLERANCE
+    if case.rel > TOLERANCE:
+        case.first_divergence = first_divergence(torch_values, ours, probe.nodes)
+        if mode in CHAOTIC_MODES:
+            forced, flips = forced_codes_run(model, feed, onnx_quantizers(model, ours, probe))
+            case.flips = flips
+            case.forced_rel = relative_error(forced, ours[OUTPUT_NAME])
+            case.passed = (case.worst_layer[1] <= TOLERANCE and case.forced_rel <= TOLERANCE
+                           and flips.margin <= FLIP_MARGIN and flips.step_rel <= TOLERANCE)
+            if flips.margin > FLIP_MARGIN:
+                case.note = f"a code flip {flips.margin:.1e} from a rounding midpoint is not chaos: {flips.worst}"
+        else:
+            case.note = f"{mode} is not chaotic: this is an export error"
+    return case
+
+
 def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: int = 2,
-            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine_runner=None,
+            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine_runner=None, kernels_runner=None,
             log: Callable[[str], None] = print) -> ValidationReport:
-    """ONNX Runtime (and `engine_runner`, a TrtRunner, when given) vs `model` (put in `mode` for the comparison) on
-    seeded feeds; see the module doc. An engine gives no per-layer values, so its cases are judged by the plain
-    bound: in a chaotic mode a rounding-level code flip fails them (the onnxruntime lines show whether flips occur)."""
+    """ONNX Runtime (the CPU kernels runner `kernels_runner` and a TrtRunner `engine_runner`, when given) vs `model`
+    (put in `mode` for the comparison) on seeded feeds; see the module doc. An engine gives no per-layer values, so
+    its cases are judged by the plain bound: in a chaotic mode a rounding-level code flip fails them (the onnxruntime
+    lines show whether flips occur)."""
     onnx_model = onnx.load(str(onnx_path))
-    probe = OnnxProbe(onnx_model)
+    probes = [("onnxruntime", OnnxProbe(onnx_model))]
+    if kernels_runner is not None:
+        probes.append(("cpu-kernels", RunnerProbe(onnx_model, kernels_runner)))
     layers = dict(binarized_layers(model))
     size = size or max(32, 2 * model.size_multiple)
     previous = {m: m.mode for m in model.modules() if hasattr(m, "mode")}
@@ -291,33 +346,11 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
     report = ValidationReport(tolerance=TOLERANCE, cases=[], mode=mode)
     try:
         for feed in validation_feeds(model.in_channels, size, timesteps, batch, seed):
-            ours = probe.run(feed)
             reference, torch_values = torch_run(model, feed)
-            case = CaseResult(int(feed["t"][0]), relative_error(reference, ours[OUTPUT_NAME]), False)
-            for node in probe.nodes:
-                layer = layers[node.path]
-                with forced_step(layer, ours[node.act_step] if node.act_step else None), torch.no_grad():
-                    forced = layer(torch.from_numpy(ours[node.x])).numpy()
-                rel = relative_error(forced, ours[node.y])
-                case.layers += 1
-                if rel >= case.worst_layer[1]:
-                    case.worst_layer = (node.path, rel)
-            case.passed = case.worst_layer[1] <= TOLERANCE and case.rel <= TOLERANCE
-            if case.rel > TOLERANCE:
-                case.first_divergence = first_divergence(torch_values, ours, probe.nodes)
-                if mode in CHAOTIC_MODES:
-                    forced, flips = forced_codes_run(model, feed, onnx_quantizers(model, ours, probe))
-                    case.flips = flips
-                    case.forced_rel = relative_error(forced, ours[OUTPUT_NAME])
-                    case.passed = (case.worst_layer[1] <= TOLERANCE and case.forced_rel <= TOLERANCE
-                                   and flips.margin <= FLIP_MARGIN and flips.step_rel <= TOLERANCE)
-                    if flips.margin > FLIP_MARGIN:
-                        case.note = (f"a code flip {flips.margin:.1e} from a rounding midpoint is not chaos: "
-                                     f"{flips.worst}")
-                else:
-                    case.note = f"{mode} is not chaotic: this is an export error"
-            log(case.line(TOLERANCE))
-            report.cases.append(case)
+            for name, probe in probes:
+                case = _probed_case(name, probe, model, layers, mode, feed, reference, torch_values)
+                log(case.line(TOLERANCE))
+                report.cases.append(case)
             if engine_runner is not None:
                 eps = engine_runner.to_host(engine_runner.infer(feed)[OUTPUT_NAME])
                 case = CaseResult(int(feed["t"][0]), relative_error(reference, eps), False, "tensorrt")
@@ -333,9 +366,11 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
 
 
 def validate_file(model_path, onnx_model: onnx.ModelProto, meta: Dict[str, str], ckpt, config=None, engine=None,
-                  plugins=None, shape: Optional[str] = None, seed: int = 0, log: Callable[[str], None] = print) -> ValidationReport:
+                  plugins=None, shape: Optional[str] = None, seed: int = 0, log: Callable[[str], None] = print,
+                  open_kernels: Optional[Callable] = None) -> ValidationReport:
     """`bdm validate` of a BinaryDM export: the PyTorch reference is `ckpt` with `config` (default: the UNet the
-    export recorded), its sign-0 weights resolved as the export recorded, compared in the export's mode."""
+    export recorded), its sign-0 weights resolved as the export recorded, compared in the export's mode;
+    `open_kernels()` gives the CPU kernels runner of the file to compare too (or None)."""
     import json
     import warnings
 
@@ -363,4 +398,6 @@ def validate_file(model_path, onnx_model: onnx.ModelProto, meta: Dict[str, str],
     mode = meta.get("act_mode", "static")
     log(f"comparing {model_path} (BinaryDM, {mode} mode) with {ckpt}: t in {list(TIMESTEPS)}, seed {seed}")
     engine_runner = None if engine is None else trt_runner(engine, plugins)
-    return compare(model_path, model, mode, size=size, batch=batch, seed=seed, engine_runner=engine_runner, log=log)
+    kernels_runner = open_kernels() if open_kernels is not None else None
+    return compare(model_path, model, mode, size=size, batch=batch, seed=seed, engine_runner=engine_runner,
+                   kernels_runner=kernels_runner, log=log)

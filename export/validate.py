@@ -179,6 +179,35 @@ class OnnxLayerProbe:
         return eps.astype(np.float32), presign, signs
 
 
+class RunnerLayerProbe:
+    """The same per-layer values from a runner that reads graph values, `runner.values(feed, names)` (the CPU kernels
+    runner): a fused layer's x + threshold[g] (the spec's one float32 addition before the sign, as the kernels
+    compute it), an unfused layer's TimestepBias output; the sign maps are their signs (sign(0) = 0)."""
+
+    def __init__(self, model: onnx.ModelProto, runner):
+        self.layers = onnx_binary_layers(model)
+        tables = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.taps = {}  # path -> (graph value, threshold table or None)
+        for node, layer in zip([n for n in model.graph.node if n.domain == functions.DOMAIN
+                                and n.op_type in ("BinaryConv2d", "TimestepBias")], self.layers):
+            fused = node.op_type == "BinaryConv2d"
+            self.taps[layer.path] = (node.input[0], tables[node.input[4]]) if fused else (node.output[0], None)
+        self.runner = runner
+
+    def run(self, feed):
+        """(eps, {path: pre-sign value}, {path: sign map}) as the runner computed them."""
+        values = self.runner.values(feed, [name for name, _ in self.taps.values()])
+        presign, signs = {}, {}
+        for layer in self.layers:
+            name, threshold = self.taps[layer.path]
+            value = values[name].astype(np.float32)
+            if threshold is not None:
+                g = spec.group_index(int(feed["t"][0]), layer.num_groups, layer.total_steps)
+                value = value + threshold[g].astype(np.float32).reshape(1, -1, 1, 1)
+            presign[layer.path], signs[layer.path] = value, np.sign(value)
+        return np.asarray(values[OUTPUT_NAME], np.float32), presign, signs
+
+
 def _torch_inputs(feed):
     return [torch.from_numpy(np.asarray(feed[n], dtype=np.int64 if n == "t" else np.float32)) for n in INPUT_NAMES]
 
@@ -331,10 +360,11 @@ def _diagnose(case: CaseResult, model, probe: OnnxLayerProbe, feed, y_ort, dtype
 
 def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Optional[Sequence[int]] = None,
             seed: int = 0, feeds: Optional[Sequence[dict]] = None, engine=None, plugins=None, log=print,
-            polygraphy_stats: bool = True) -> ValidationReport:
-    """Run PyTorch, ONNX Runtime (and TensorRT when `engine` is given) on the same feeds with Polygraphy's
-    Comparator; returns the per-case results (see the module doc for the criterion). The feeds are seeded
-    random inputs of shape `nhw` at `timesteps` (default: both ends of every group), unless given."""
+            polygraphy_stats: bool = True, kernels_runner=None) -> ValidationReport:
+    """Run PyTorch, ONNX Runtime (the CPU kernels runner `kernels_runner`, and TensorRT when `engine` is given) on the
+    same feeds with Polygraphy's Comparator; returns the per-case results (see the module doc for the criterion; the
+    CPU kernels' cases are looked into as ONNX Runtime's). The feeds are seeded random inputs of shape `nhw` at
+    `timesteps` (default: both ends of every group), unless given."""
     onnx_path = Path(onnx_path)
     onnx_model = onnx.load(str(onnx_path))
     x_dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx_model.graph.input[0].type.tensor_type.elem_type)
@@ -355,6 +385,8 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
                                          np.float32),
                OnnxrtRunner(SessionFromOnnx(onnx_path.read_bytes(), providers=["CPUExecutionProvider"]),
                             name="onnxruntime")]
+    if kernels_runner is not None:
+        runners.append(bdm_runner_for_polygraphy(kernels_runner, "cpu-kernels", input_dtypes))
     if engine is not None:
         runners.append(bdm_runner_for_polygraphy(trt_runner(engine, plugins), "tensorrt", input_dtypes))
 
@@ -377,7 +409,7 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
     if polygraphy_stats:
         log(f"bdm verdict: max|diff| <= {tol:.0e} * max|eps|, else the sign-flip analysis (export/validate.py)")
     outputs = {name: [np.asarray(it[OUTPUT_NAME], np.float32) for it in iterations] for name, iterations in results}
-    probe = None
+    probes = {}
     cases = []
     for name in list(outputs)[1:]:
         for i, feed in enumerate(feeds):
@@ -386,9 +418,11 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
             case = CaseResult(name, t0, spec.group_index(t0, num_groups, total_steps),
                               float(np.abs(y - y_ref).max()), relative_error(y_ref, y), False)
             case.passed = case.rel <= tol
-            if name == "onnxruntime" and (not case.passed or dtype == "float16"):
-                probe = probe or OnnxLayerProbe(onnx_model)
-                _diagnose(case, model, probe, feed, y, dtype, tol)
+            if name in ("onnxruntime", "cpu-kernels") and (not case.passed or dtype == "float16"):
+                if name not in probes:
+                    probes[name] = (OnnxLayerProbe(onnx_model) if name == "onnxruntime"
+                                    else RunnerLayerProbe(onnx_model, kernels_runner))
+                _diagnose(case, model, probes[name], feed, y, dtype, tol)
             elif name == "tensorrt" and not case.passed:
                 case.note = "(no per-layer values from an engine: compare the onnxruntime lines for sign flips)"
             cases.append(case)
@@ -405,9 +439,10 @@ def check_metadata(onnx_model: onnx.ModelProto, path) -> Dict[str, str]:
 
 
 def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shape: str = "1x64x64", seed: int = 0,
-                  log=print) -> ValidationReport:
+                  log=print, open_kernels=None) -> ValidationReport:
     """`bdm validate`: the PyTorch reference is `ckpt` loaded with `config`, by default the network the export
-    recorded in the model, and with the exact-zero weight resolution the export recorded."""
+    recorded in the model, and with the exact-zero weight resolution the export recorded; `open_kernels()` gives
+    the CPU kernels runner of the file to compare too (or None)."""
     model_path = Path(model_path)
     nhw = parse_nhw(shape, "--shape")
     if not model_path.is_file():
@@ -422,7 +457,7 @@ def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shap
         from bdm.export import binarydm_validate
 
         return binarydm_validate.validate_file(model_path, onnx_model, meta, ckpt, config, engine, plugins, shape,
-                                                seed, log)
+                                                seed, log, open_kernels)
     network = config if config is not None else json.loads(meta["network_g"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exact-zero weights: resolved as the export did, below
@@ -434,4 +469,5 @@ def validate_file(model_path, ckpt, config=None, engine=None, plugins=None, shap
     resolve_zero_weights(model, zero_sign, f"checkpoint {ckpt}")
     log(f"comparing {model_path} ({meta.get('dtype')}) with {ckpt}: inputs {shape}, t at both ends of every "
         f"timestep group, seed {seed}")
-    return compare(model_path, model, nhw=nhw, seed=seed, engine=engine, plugins=plugins, log=log)
+    return compare(model_path, model, nhw=nhw, seed=seed, engine=engine, plugins=plugins, log=log,
+                   kernels_runner=open_kernels() if open_kernels is not None else None)

@@ -200,3 +200,13 @@ class CpuKernelRunner(Runner):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def comparison_runner(onnx_path, log) -> "CpuKernelRunner | None":
+    """The CPU kernels runner of an exported file for a parity comparison (`bdm validate`), or None with one line on
+    `log` saying why the kernels cannot run it."""
+    try:
+        return CpuKernelRunner(onnx_path)
+    except KernelsRefused as e:
+        log(f"cpu-kernels: not compared ({e})")
+        return None

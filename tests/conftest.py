@@ -30,3 +30,15 @@ def bdm_ref(reference_dir):
     if not path.is_dir():
         pytest.skip(f"BinaryDM reference data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The bdm CPU kernels (bdm.plugins.cpu_kernels, built on first use); skips with the reason where they cannot
+    load."""
+    from bdm.plugins import cpu_kernels as module
+
+    try:
+        return module.load()
+    except module.CpuKernelsUnavailable as e:
+        pytest.skip(f"the CPU kernels cannot load here: {e}")

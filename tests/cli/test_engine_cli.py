@@ -86,4 +86,5 @@ def test_doctor_names_the_cpu_path_and_its_instruction_set_or_why_not():
     forced = subprocess.run(["bdm", "doctor"], capture_output=True, text=True,
                             env=dict(os.environ, BDM_CPU_ISA="sse9"))
     assert any(line.startswith("CPU path: ONNX Runtime with the function bodies (the bdm CPU kernels cannot load: "
-                               "BDM_CPU_ISA=sse9 is not an instruction-set path") for line in forced.stdout.splitlines())
+                               "BDM_CPU_ISA=sse9 is not an instruction-set path")
+               for line in forced.stdout.splitlines())

@@ -9,7 +9,6 @@ from onnx import helper
 
 from bdm.errors import BdmError
 from bdm.export.validate import group_boundaries, validation_feeds
-from bdm.plugins import cpu_kernels
 from bdm.runtime import backends
 from bdm.runtime.backends import OrtRunner
 from bdm.runtime.kernel_runner import CpuKernelRunner, KernelsRefused
@@ -19,16 +18,9 @@ from reference_kernels import ReferenceKernels  # tests/runtime
 BOUND = 1e-5  # the validation bound: max|ours - onnxruntime| <= 1e-5 * max|onnxruntime|
 
 
-def real_kernels():
-    try:
-        return cpu_kernels.load()
-    except cpu_kernels.CpuKernelsUnavailable as e:
-        pytest.skip(f"the CPU kernels cannot load here: {e}")
-
-
 @pytest.fixture(params=["cpu-kernels", "numpy-reference"])
 def kernels(request):
-    return real_kernels() if request.param == "cpu-kernels" else ReferenceKernels()
+    return request.getfixturevalue("cpu_kernels") if request.param == "cpu-kernels" else ReferenceKernels()
 
 
 def rel(reference, other):
@@ -43,11 +35,11 @@ def test_bidiffsr_exports_match_onnxruntime_at_every_group_boundary(small_x4_onn
         assert max(errors) <= BOUND, (path.name, errors)
 
 
-def test_bidiffsr_net_golden_at_every_timestep(bi_ref, small_x4_onnx, small_x4_unfused_onnx, capsys):
+def test_bidiffsr_net_golden_at_every_timestep(bi_ref, small_x4_onnx, small_x4_unfused_onnx, cpu_kernels, capsys):
     """The official network outputs (net_golden: every golden t, and one batch of mixed t where only t[0] selects the
     group) from both export forms on the CPU kernels, within the foundation bound of the official y."""
     g = np.load(bi_ref / "net_golden.npz")
-    fused, unfused = (CpuKernelRunner(p, kernels=real_kernels()) for p in (small_x4_onnx, small_x4_unfused_onnx))
+    fused, unfused = (CpuKernelRunner(p, kernels=cpu_kernels) for p in (small_x4_onnx, small_x4_unfused_onnx))
     rows = []
     for i, t in enumerate(g["timesteps"]):
         feed = {"x_t": g["x"], "cond": g["c"], "t": np.full(g["x"].shape[0], t, np.int64)}
@@ -62,10 +54,10 @@ def test_bidiffsr_net_golden_at_every_timestep(bi_ref, small_x4_onnx, small_x4_u
 
 
 @pytest.mark.parametrize("mode", ["static", "w1a32", "fp"])
-def test_binarydm_exports_match_onnxruntime(unet_onnx, mode):
+def test_binarydm_exports_match_onnxruntime(unet_onnx, mode, cpu_kernels):
     """Static mode's codes agree on these feeds; dynamic mode's rounding-level code flips are judged by the
     validation's diagnosis (tests/export/test_onnx_validate.py)."""
-    ours, theirs = CpuKernelRunner(unet_onnx[mode], kernels=real_kernels()), OrtRunner(unet_onnx[mode])
+    ours, theirs = CpuKernelRunner(unet_onnx[mode], kernels=cpu_kernels), OrtRunner(unet_onnx[mode])
     rng = np.random.default_rng(0)
     for t in (999, 500, 1):
         feed = {"x_t": rng.standard_normal((2, 3, 32, 32), dtype=np.float32), "t": np.array([t, t])}
@@ -149,8 +141,7 @@ def test_onnx_runner_falls_back_to_onnxruntime_with_one_line(small_x4_onnx, monk
         "instead"]
 
 
-def test_onnx_runner_is_the_kernels_runner_where_they_load(small_x4_onnx, capsys):
-    real_kernels()
+def test_onnx_runner_is_the_kernels_runner_where_they_load(small_x4_onnx, capsys, cpu_kernels):
     runner = backends.onnx_runner(small_x4_onnx)
     assert isinstance(runner, CpuKernelRunner) and capsys.readouterr().err == ""
     assert runner.name == f"bdm CPU kernels ({runner.kernels.isa}, {runner.kernels.threads} threads)"

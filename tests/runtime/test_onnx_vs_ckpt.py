@@ -7,7 +7,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from bdm.plugins import cpu_kernels
 from bdm.runtime.backends import OrtRunner, TorchRunner
 from bdm.runtime.kernel_runner import CpuKernelRunner
 from bdm.runtime.preprocess import crop, quantize
@@ -28,19 +27,17 @@ def runners(bi_ref, tmp_path_factory):
     return {"onnxruntime": OrtRunner(onnx), "cpu-kernels": onnx}, torch_runner
 
 
-def onnx_runner(runners, backend):
+def onnx_runner(runners, backend, request):
     if backend == "onnxruntime":
         return runners[0][backend]
-    try:
-        return CpuKernelRunner(runners[0][backend], kernels=cpu_kernels.load())
-    except cpu_kernels.CpuKernelsUnavailable as e:
-        pytest.skip(f"the CPU kernels cannot load here: {e}")
+    return CpuKernelRunner(runners[0][backend], kernels=request.getfixturevalue("cpu_kernels"))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "cpu-kernels"])
 @pytest.mark.parametrize("golden", ["sampler_x4", "sampler_x2_pad"])
-def test_onnx_and_ckpt_agree_step_by_step_on_the_official_trajectory(runners, bi_ref, golden, backend, capsys):
-    ort_runner, torch_runner = onnx_runner(runners, backend), runners[1]
+def test_onnx_and_ckpt_agree_step_by_step_on_the_official_trajectory(runners, bi_ref, golden, backend, capsys,
+                                                                   request):
+    ort_runner, torch_runner = onnx_runner(runners, backend, request), runners[1]
     g = np.load(bi_ref / f"{golden}.npz")
     errors = []
     for k, i in enumerate(g["saved_step_indices"]):
@@ -56,9 +53,9 @@ def test_onnx_and_ckpt_agree_step_by_step_on_the_official_trajectory(runners, bi
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "cpu-kernels"])
-def test_onnx_and_ckpt_free_running_runs_from_the_same_noise(runners, bi_ref, backend, capsys):
+def test_onnx_and_ckpt_free_running_runs_from_the_same_noise(runners, bi_ref, backend, capsys, request):
     """The whole 50-step run of sampler_x2_pad from its noise_init on both backends."""
-    ort_runner, torch_runner = onnx_runner(runners, backend), runners[1]
+    ort_runner, torch_runner = onnx_runner(runners, backend, request), runners[1]
     g = np.load(bi_ref / "sampler_x2_pad.npz")
     schedule = ddim_schedule(50)
     outputs = {}
