@@ -120,6 +120,18 @@ def _reshape(node: NodeView):
     return lambda x, shape: reshape_to(x, _ints(shape))
 
 
+def _with_axes(node: NodeView, input_since: int, apply: Callable):
+    """fn(x[, axes]) = apply(x, axes) with ONNX's `axes`: an attribute before opset `input_since`, the optional second
+    input from it on (read once when it is a constant; None when absent)."""
+    if node.opset < input_since:
+        axes = node.attribute("axes")
+        return lambda x: apply(x, axes)
+    axes = node.constant_list(1)
+    if axes is not None or not (len(node.present) > 1 and node.present[1]):
+        return lambda x, *unused: apply(x, axes)
+    return lambda x, axes_tensor: apply(x, _ints(axes_tensor))
+
+
 def _unsqueeze(node: NodeView):
     def unsqueeze(x, axes: List[int]):
         rank = x.dim() + len(axes)
@@ -127,10 +139,7 @@ def _unsqueeze(node: NodeView):
             x = x.unsqueeze(axis)
         return x
 
-    axes = node.attribute("axes") if node.opset < 13 else node.constant_list(1)
-    if axes is not None:
-        return lambda x, *unused: unsqueeze(x, axes)
-    return lambda x, axes_tensor: unsqueeze(x, _ints(axes_tensor))
+    return _with_axes(node, 13, unsqueeze)
 
 
 def _squeeze(node: NodeView):
@@ -139,13 +148,7 @@ def _squeeze(node: NodeView):
             return x.squeeze()
         return x.squeeze(tuple(_axis(a, x.dim()) for a in axes))
 
-    if node.opset < 13:
-        axes = node.attribute("axes")
-        return lambda x: squeeze(x, axes)
-    axes = node.constant_list(1)
-    if axes is not None or not (len(node.present) > 1 and node.present[1]):
-        return lambda x, *unused: squeeze(x, axes)
-    return lambda x, axes_tensor: squeeze(x, _ints(axes_tensor))
+    return _with_axes(node, 13, squeeze)
 
 
 def _transpose(node: NodeView):
@@ -336,13 +339,7 @@ def _reduce_mean(node: NodeView):
             axes = list(range(x.dim()))
         return torch.mean(x, dim=axes, keepdim=keepdims)
 
-    if node.opset < 18:
-        axes = node.attribute("axes")
-        return lambda x: reduce_mean(x, axes)
-    axes = node.constant_list(1)
-    if axes is not None or not (len(node.present) > 1 and node.present[1]):
-        return lambda x, *unused: reduce_mean(x, axes)
-    return lambda x, axes_tensor: reduce_mean(x, _ints(axes_tensor))
+    return _with_axes(node, 18, reduce_mean)
 
 
 def _einsum(node: NodeView):
