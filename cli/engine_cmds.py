@@ -83,7 +83,19 @@ def _onnxruntime() -> BackendReport:
         report.missing.append("ONNX Runtime (pip install onnxruntime, or onnxruntime-gpu)")
         return report
     report.lines.append(f"ONNX Runtime: {ort.__version__}, providers {', '.join(ort.get_available_providers())}")
+    report.lines.append(_cpu_path_line())
     return report
+
+
+def _cpu_path_line() -> str:
+    """Which CPU path runs an exported model where ONNX Runtime has no GPU (`--onnx`, `bdm validate`)."""
+    from bdm.runtime.kernel_runner import KernelsRefused, load_kernels
+
+    try:
+        kernels = load_kernels()
+    except KernelsRefused as e:
+        return f"CPU path: ONNX Runtime with the function bodies ({e})"
+    return f"CPU path: bdm CPU kernels, instruction set {kernels.isa}, {kernels.threads} threads"
 
 
 def _tensorrt() -> BackendReport:

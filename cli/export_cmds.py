@@ -63,14 +63,17 @@ def validate(
     shape: str = typer.Option("1x64x64", help="Input shape NxHxW (H, W multiples of 8; inside the engine profile)."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
 ):
-    """Output parity between PyTorch, ONNX Runtime and (optionally) TensorRT, via Polygraphy's Comparator."""
+    """Output parity between PyTorch, ONNX Runtime, the bdm CPU kernels and (optionally) TensorRT, via Polygraphy's
+    Comparator."""
     from bdm.export import registry
+    from bdm.runtime.kernel_runner import comparison_runner
     from bdm.runtime.backends import trt_runner
     from bdm.runtime.trt_backend import parse_nhw
 
     nhw = parse_nhw(shape, "--shape")
     open_engine = None if engine is None else (lambda: trt_runner(engine, plugins))
-    report = registry.validate_file(model, ckpt, config, nhw, open_engine, seed, log=typer.echo)
+    report = registry.validate_file(model, ckpt, config, nhw, open_engine, seed, log=typer.echo,
+                                    open_kernels=lambda: comparison_runner(model, typer.echo))
     failed = [c for c in report.cases if not c.passed]
     if failed:
         raise BdmError(f"{len(failed)} of {len(report.cases)} comparisons exceed {report.tolerance:.0e} * max|eps| "

@@ -45,7 +45,8 @@ def _set_mode(runner, mode: Optional[str]):
 def generate(
     output: Path = typer.Argument(..., help="Image grid to write (.png, .jpg, .webp or .tif), atomically."),
     engine: Optional[Path] = typer.Option(None, help="TensorRT engine (backend: TensorRT)."),
-    onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: ONNX Runtime; the CPU default)."),
+    onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: the bdm CPU kernels, else ONNX Runtime; "
+                                                   "the CPU default)."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint (backend: the PyTorch reference)."),
     config: Optional[Path] = typer.Option(
         None, help="LDM YAML (or golden UNet JSON): network for --ckpt; schedule and image size for every backend "

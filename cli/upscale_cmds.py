@@ -46,12 +46,12 @@ def _make_runner(engine, onnx, ckpt, config, plugins, device, threads=None):
     chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
     if len(chosen) != 1:
         raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
-                       f"(ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
+                       f"(bdm CPU kernels or ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
                        + (f" ({', '.join(chosen)})" if chosen else ""))
     if engine:
         return backends.trt_runner(engine, plugins=plugins)
     if onnx:
-        return backends.OrtRunner(onnx, threads=threads)
+        return backends.onnx_runner(onnx, threads=threads)
     return backends.TorchRunner(ckpt, config=config, device=device, threads=threads)
 
 
@@ -62,7 +62,8 @@ def upscale(
                   "glob patterns ('photos/*.jpg')."),
     output: Path = typer.Argument(..., help="Output image, or a folder (always a folder for several inputs)."),
     engine: Optional[Path] = typer.Option(None, help="TensorRT engine (backend: TensorRT)."),
-    onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: ONNX Runtime; the CPU default)."),
+    onnx: Optional[Path] = typer.Option(None, help="ONNX model (backend: the bdm CPU kernels, else ONNX Runtime; "
+                                                   "the CPU default)."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint (backend: the PyTorch reference)."),
     config: Optional[Path] = typer.Option(
         None, help="Official options YAML: network for --ckpt; scale and beta_schedule for every backend."),
@@ -145,7 +146,8 @@ def upscale(
 def bench(
     steps: int = typer.Option(DEFAULT_STEPS, help="DDIM steps per run."),
     size: int = typer.Option(64, help="LR side in pixels; x4 gives the network input size (64 -> 256)."),
-    backends: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. torch-cpu,ort-cpu."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. torch-cpu,kernels-cpu "
+                                                      "(ort-cpu: ONNX Runtime, kernels-cpu: the bdm CPU kernels)."),
 ):
     """Per-step and end-to-end time and peak memory of every backend available here (released x4 network,
     random weights built locally: nothing is downloaded)."""

@@ -114,10 +114,12 @@ def model_metadata(onnx_model, path) -> ModelMetadata:
 
 
 def validate_file(model_path, ckpt, config=None, nhw: Tuple[int, int, int] = (1, 64, 64),
-                  open_engine: Optional[Callable] = None, seed: int = 0, log: Callable[[str], None] = print):
+                  open_engine: Optional[Callable] = None, seed: int = 0, log: Callable[[str], None] = print,
+                  open_kernels: Optional[Callable] = None):
     """`bdm validate`: the exported model against its PyTorch reference, `ckpt` loaded with `config` (default: the
     network the export recorded) and with the sign-0 resolution the export recorded, through the family's
-    comparison; `open_engine()`, when given, opens a TensorRT runner of the same model to compare too."""
+    comparison; `open_engine()` and `open_kernels()`, when given, open a TensorRT runner and the CPU kernels runner
+    of the same model to compare too."""
     from bdm.export.base.sign_zeros import resolve_sign_zeros
 
     model_path = Path(model_path)
@@ -131,7 +133,8 @@ def validate_file(model_path, ckpt, config=None, nhw: Tuple[int, int, int] = (1,
         log(f"note: {ckpt} is not the file this model was exported from ({metadata.checkpoint}); "
             f"differences below may be weights, not the export")
     resolve_sign_zeros(family.sign_sources, model, metadata.zero_sign, f"checkpoint {ckpt}")
-    return family.compare_file(model_path, onnx_model, metadata, model, ckpt, nhw, open_engine, seed, log)
+    return family.compare_file(model_path, onnx_model, metadata, model, ckpt, nhw, open_engine, open_kernels, seed,
+                               log)
 
 
 def inspect_file(path):

@@ -5,10 +5,10 @@ node, intra-op threads = this machine's cores) and torch's conv2d of the same sh
   the released x4 network's shapes for a 256 x 256 output: C=64 @256x256, 128 @128x128, 256 @64x64, 512 @32x32;
 - the BinaryDM A4 3x3 conv (MultiBasisConv, 2 sign bases: quantize into code bit-planes, bit-serial popcount conv) at
   C=128 @32x32 and C=256 @16x16;
-- with --network: all 56 BIConv layers of one step of the released x4 network (random weights, 64 -> 256), the
-  kernels against the same layers in PyTorch eager.
+- (python -m bdm.runtime.bench_layers: all 56 BIConv layers of one step of the released x4 network, the kernels
+  against the same layers in PyTorch eager.)
 
-    python -m bdm.plugins.bench_cpu [--repeats 15] [--isa avx512|avx2|portable] [--threads N] [--network] [--cpu-time]
+    python -m bdm.plugins.bench_cpu [--repeats 15] [--isa avx512|avx2|portable] [--threads N] [--cpu-time]
 
 Prints one row per layer: median milliseconds (rounds interleave the contestants, so the machine's load hits all
 alike) and the kernel's speed-up over each. bench_rows() returns the rows (for `bdm bench`). --cpu-time runs every
@@ -53,7 +53,7 @@ def median_ms(contestants: Dict[str, Callable[[], object]], repeats: int, warmup
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-class _OneThread:
+class OneThread:
     """torch on one thread inside the block (the CPU-time mode: every contestant on the calling thread)."""
 
     def __enter__(self):
@@ -130,7 +130,7 @@ def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[i
         x_numpy = x.numpy()
         weight_t, bias_t = torch.from_numpy(weight), torch.from_numpy(bias)
         run, inputs = _bdm_layer(kernels, op, channels, rng)
-        with torch.no_grad(), (_OneThread() if cpu_time else contextlib.nullcontext()):
+        with torch.no_grad(), (OneThread() if cpu_time else contextlib.nullcontext()):
             times = median_ms({"bdm": lambda: run(x=x, **inputs),
                                "ort": lambda: session.run(None, {"x": x_numpy}),
                                "torch": lambda: F.conv2d(x, weight_t, bias_t, padding=1)}, repeats, clock=clock)
@@ -139,54 +139,6 @@ def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[i
                          torch_ms=times["torch"], vs_ort=times["ort"] / times["bdm"],
                          vs_torch=times["torch"] / times["bdm"]))
     return rows
-
-
-def network_row(repeats: int = 5, isa: Optional[str] = None, threads: Optional[int] = None, size: int = 256,
-                cpu_time: bool = False) -> dict:
-    """The 56 BIConv layers of one step of the released x4 network at a size x size output: their total time on the
-    kernels vs in PyTorch eager (the same modules, deploy arithmetic), as medians of `repeats` steps."""
-    import contextlib
-
-    import torch
-
-    from bdm.export.bidiffsr import biconvs
-    from bdm.plugins import cpu_kernels, packing
-    from bdm.runtime.bench import released_model
-
-    kernels = cpu_kernels.load(isa, 1 if cpu_time else threads)
-    model = released_model()
-    layers = biconvs(model)
-    inputs = {}
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, args[0]))
-             for name, module in layers]
-    t = torch.tensor([[1000]])
-    with torch.no_grad():
-        model(torch.randn(1, 3, size, size), torch.rand(1, 3, size, size), t)
-    for h in hooks:
-        h.remove()
-    prepared = []
-    for name, module in layers:
-        attrs = dict(in_channels=module.in_channels, out_channels=module.out_channels,
-                     kernel_size=module.kernel_size, num_groups=module.num_groups, total_steps=module.total_steps)
-        constants = dict(weight=packing.pack_signs(module.binary_conv.weight.detach().numpy()),
-                         alpha=module.alpha().numpy(), **{k: v.numpy() for k, v in module.group_tables().items()})
-        prepared.append((kernels.prepare("BinaryConv2d", attrs, constants), module, inputs[name]))
-    t1 = torch.tensor([1000])
-
-    def on_kernels():
-        for run, _, x in prepared:
-            run(x=x, t=t1)
-
-    def in_torch():
-        for _, module, x in prepared:
-            module(x, t)
-
-    with torch.no_grad(), (_OneThread() if cpu_time else contextlib.nullcontext()):
-        times = median_ms({"bdm": on_kernels, "torch": in_torch}, repeats, warmup=1,
-                          clock=time.thread_time if cpu_time else time.perf_counter)
-    return dict(layer=f"all {len(prepared)} BIConv of one released x4 step", shape=f"{size}x{size} output",
-                isa=kernels.isa, threads=kernels.threads, bdm_ms=times["bdm"], torch_ms=times["torch"],
-                vs_torch=times["torch"] / times["bdm"])
 
 
 def format_rows(rows: List[dict]) -> str:
@@ -206,15 +158,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--isa", default=None, help="avx512, avx2 or portable (default: $BDM_CPU_ISA or the fastest)")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: torch's)")
-    parser.add_argument("--network", action="store_true",
-                        help="also time all BIConv layers of one released x4 step (builds the 51 M-parameter model)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="one thread each, timed by CPU time (per-core ratios a busy machine does not distort)")
     args = parser.parse_args(argv)
     try:
         rows = bench_rows(args.repeats, args.isa, args.threads, cpu_time=args.cpu_time)
-        if args.network:
-            rows.append(network_row(max(3, args.repeats // 3), args.isa, args.threads, cpu_time=args.cpu_time))
     except BdmError as e:
         print(f"bdm: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,9 @@ smallest/largest H and W, the dtype it computes in) and where the sampler state 
 
 - `TorchRunner`: the PyTorch reference model (`bdm.load_model`), on CPU or a CUDA GPU.
 - `OrtRunner`: an exported ONNX file in ONNX Runtime, with the CUDA execution provider when
-  onnxruntime-gpu offers it, else the CPU provider.
+  onnxruntime-gpu offers it, else the CPU provider (the `bdm` nodes as their function bodies).
+- `CpuKernelRunner` (runtime/kernel_runner.py): an exported ONNX file on the CPU with the `bdm` nodes on the
+  bit-packed CPU kernels; `onnx_runner` chooses it for `--onnx` where ONNX Runtime has no GPU.
 - `TrtRunner` (runtime/trt_backend.py, needs TensorRT): a serialized engine with the bdm plugins.
 
 A runner that keeps the state on a device returns device arrays from `to_device` and `infer`; the sampler
@@ -27,9 +29,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -162,7 +165,18 @@ class TorchRunner(Runner):
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
-class OrtRunner(Runner):
+class OnnxFileRunner(Runner):
+    """A runner of an exported ONNX file (`path`, its metadata map `metadata`)."""
+
+    path: Path
+    metadata: Dict[str, str]
+
+    def describe(self) -> str:
+        source = self.metadata.get(CHECKPOINT_KEY)
+        return f"{self.name}, model {self.path}" + (f" (exported from checkpoint {source})" if source else "")
+
+
+class OrtRunner(OnnxFileRunner):
     """ONNX Runtime on an exported model; CUDA EP where onnxruntime-gpu provides it, else CPU."""
 
     def __init__(self, onnx_path, providers=None, threads: Optional[int] = None):
@@ -194,10 +208,6 @@ class OrtRunner(Runner):
         self.path = path
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def describe(self) -> str:
-        source = self.metadata.get(CHECKPOINT_KEY)
-        return f"{self.name}, model {self.path}" + (f" (exported from checkpoint {source})" if source else "")
-
     def infer(self, feed: dict) -> dict:
         ort_feed = {n: np.ascontiguousarray(np.asarray(feed[n]), dtype=self.input_types[n])
                     for n in self.input_names}
@@ -205,6 +215,23 @@ class OrtRunner(Runner):
             ort_feed["t"] = np.broadcast_to(ort_feed["t"], ort_feed["x_t"].shape[:1]).copy()
         (eps,) = self.session.run([OUTPUT_NAME], ort_feed)
         return {OUTPUT_NAME: eps.astype(np.float32, copy=False)}
+
+
+def onnx_runner(onnx_path, stream=None, threads: Optional[int] = None) -> Runner:
+    """The runner of `--onnx`: ONNX Runtime where onnxruntime-gpu has the CUDA provider; on the CPU the bdm kernels
+    runner, or, where the kernels cannot load or run a node of this model, ONNX Runtime with the function bodies,
+    said in one line on `stream` (default stderr). `threads`: CPU threads (default: one per core)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return OrtRunner(onnx_path, threads=threads)
+    from bdm.runtime.kernel_runner import CpuKernelRunner, KernelsRefused
+
+    try:
+        return CpuKernelRunner(onnx_path, threads=threads)
+    except KernelsRefused as e:
+        print(f"bdm: {e}; running it in ONNX Runtime with the function bodies instead", file=stream or sys.stderr)
+    return OrtRunner(onnx_path, threads=threads)
 
 
 def trt_runner(engine_path, plugins=None):

@@ -4,9 +4,12 @@ The workload is the released x4 BI-DiffSR network (51.3 M latent parameters) wit
 here (PyTorch default initialisation, seed 0, exact zeros nudged to 1e-6: nothing is downloaded), upscaling a 64 x 64 crop of
 scikit-image's astronaut to 256 x 256 with the official 50-step DDIM sampler. Each backend runs in its own
 process so that its peak memory (peak resident set size of that process, plus peak CUDA memory for
-PyTorch on a GPU) is its own. The ONNX model for ONNX Runtime is exported once with `bdm export`.
+PyTorch on a GPU) is its own. The ONNX model is exported once with `bdm export`; on the CPU it runs in ONNX Runtime
+with the function bodies (ort-cpu) and on the bdm CPU kernels (kernels-cpu). Each row gives its per-step speed-up
+over PyTorch on the CPU measured in the same run; with kernels-cpu a per-layer table follows (bdm.plugins.bench_cpu:
+the binary 3x3 convs of the released shapes and BinaryDM's A4 conv against ONNX Runtime's fp32 Conv).
 
-    bdm bench [--steps 50] [--size 64] [--backends torch-cpu,ort-cpu]
+    bdm bench [--steps 50] [--size 64] [--backends torch-cpu,ort-cpu,kernels-cpu]
     python -m bdm.runtime.bench ...   (the same)
 """
 
@@ -26,6 +29,7 @@ import numpy as np
 from bdm.errors import BdmError
 
 SCALE = 4
+ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "kernels-cpu")
 
 
 def released_model():
@@ -50,7 +54,7 @@ def available_backends() -> List[str]:
         names.append("torch-cuda")
     import onnxruntime as ort
 
-    names.append("ort-cpu")
+    names += ["ort-cpu", "kernels-cpu"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
         names.append("ort-cuda")
     return names
@@ -93,6 +97,10 @@ def _worker(backend: str, steps: int, size: int, onnx: Optional[str]) -> dict:
 
     if backend.startswith("torch"):
         runner = TorchRunner(model=released_model(), device=backend.split("-")[1])
+    elif backend == "kernels-cpu":
+        from bdm.runtime.kernel_runner import CpuKernelRunner
+
+        runner = CpuKernelRunner(onnx)
     else:
         providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
         runner = OrtRunner(onnx, providers=providers)
@@ -127,14 +135,15 @@ def main(steps: int = 50, size: int = 64, only: Optional[List[str]] = None, stre
             raise BdmError(f"backend(s) {unknown} not available here; available: {names}")
         names = only
     results = []
+    torch_step = None
     with tempfile.TemporaryDirectory() as tmp:
         onnx = Path(tmp) / "bi_diffsr_x4_random.onnx"
-        if any(n.startswith("ort") for n in names):
+        if any(n in ONNX_BACKENDS for n in names):
             try:
                 _export_onnx(onnx)
             except BdmError as e:
-                print(f"bench: ONNX Runtime skipped: {e}", file=stream)
-                names = [n for n in names if not n.startswith("ort")]
+                print(f"bench: the ONNX backends skipped: {e}", file=stream)
+                names = [n for n in names if n not in ONNX_BACKENDS]
         print(f"bench: released x4 BI-DiffSR (random weights), {size}x{size} -> {size * SCALE}x{size * SCALE}, "
               f"{steps} DDIM steps", file=stream)
         for name in names:
@@ -148,11 +157,33 @@ def main(steps: int = 50, size: int = 64, only: Optional[List[str]] = None, stre
             result = json.loads(run.stdout.strip().splitlines()[-1])
             results.append(result)
             gpu = f", peak CUDA {result['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in result else ""
-            print(f"  {result['backend']:24s} {result['step_s']:.3f} s/step median (mean {result['mean_step_s']:.3f}, "
+            if name == "torch-cpu":
+                torch_step = result["step_s"]
+            if torch_step is not None:
+                result["vs_torch_cpu"] = torch_step / result["step_s"]
+            print(f"  {result['backend']:46s} {result['step_s']:.3f} s/step median (mean {result['mean_step_s']:.3f}, "
                   f"first {result['first_step_s']:.3f}), "
-                  f"end to end {result['end_to_end_s']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB{gpu}",
+                  f"end to end {result['end_to_end_s']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB{gpu}"
+                  + (f", {result['vs_torch_cpu']:.2f}x PyTorch CPU per step" if "vs_torch_cpu" in result else ""),
                   file=stream, flush=True)
+    if "kernels-cpu" in names:
+        _print_layers(stream)
     return results
+
+
+def _print_layers(stream) -> None:
+    """The per-layer table of the CPU kernels against ONNX Runtime's (and torch's) fp32 conv of the same shape."""
+    from bdm.plugins import bench_cpu
+
+    try:
+        rows = bench_cpu.bench_rows(repeats=7)
+    except BdmError as e:
+        print(f"bench: per-layer table skipped: {e}", file=stream)
+        return
+    print(f"per layer (bdm CPU kernels, {rows[0]['isa']}, {rows[0]['threads']} threads; medians of 7 interleaved "
+          f"rounds):", file=stream)
+    for line in bench_cpu.format_rows(rows).splitlines():
+        print(f"  {line}", file=stream)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,11 @@ def _axis_origins(length: int, tile: int, overlap: int) -> List[int]:
     overlapping by about `overlap` or more."""
     if tile >= length:
         return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    count = max(count, 2)
+    return _spread(length, tile, max(2, math.ceil((length - overlap) / (tile - overlap))))
+
+
+def _spread(length: int, tile: int, count: int) -> List[int]:
+    """`count` origins from 0 to length - tile, evenly spaced on the 8-pixel grid."""
     span = (length - tile) / MULTIPLE
     return [int(round(k * span / (count - 1))) * MULTIPLE for k in range(count)]
 
@@ -140,30 +143,96 @@ def network_bytes(height: int, width: int, batch: int = 1) -> int:
     return batch * int(5 * 1024 * pixels + 12 * (pixels / 64) ** 2)
 
 
+# An automatic tile is at most this many times as long as it is wide, so that every tile keeps context both ways.
+MAX_ASPECT = 4
+OVERLAP_FRACTION = 4  # automatic overlap: a quarter of the tile side along each axis that is cut
+
+
+def _ceil_multiple(value: float) -> int:
+    return int(math.ceil(value / MULTIPLE)) * MULTIPLE
+
+
+def _axis_cut(length: int, count: int, overlap=None) -> Tuple[int, List[int]]:
+    """(tile side, origins) of `count` tiles along an axis of `length`: the smallest side (a multiple of 8) whose
+    neighbours overlap by `overlap`, by default a quarter of the side, origins spread evenly on the 8-pixel grid."""
+    if count == 1:
+        return length, [0]
+    if overlap is None:  # count * tile - (count - 1) * tile / 4 >= length
+        tile = _ceil_multiple(length / (count - (count - 1) / OVERLAP_FRACTION))
+    else:
+        tile = _ceil_multiple((length + (count - 1) * overlap) / count)
+    if tile >= length:
+        return length, [0]
+    return tile, _spread(length, tile, count)
+
+
+def _most_cuts(length: int, shortest: int, overlap) -> int:
+    """The largest tile count along an axis whose tiles are still at least `shortest` long (or the whole axis)."""
+    low, high = 1, max(1, length // MULTIPLE)
+    while low < high:
+        middle = (low + high + 1) // 2
+        tile = _axis_cut(length, middle, overlap)[0]
+        low, high = (middle, high) if tile >= shortest or tile == length else (low, middle - 1)
+    return low
+
+
+def plan_rectangular(height: int, width: int, fits, min_hw=(MULTIPLE, MULTIPLE), overlap=None) -> TileGrid:
+    """The grid of rows x cols equal tiles (each axis cut as `_axis_cut`, tiles at least min_hw where an axis is
+    cut) that computes the fewest pixels among those whose tile passes fits(tile_h, tile_w) (memory budget, largest
+    shape: true for every smaller tile too) and MAX_ASPECT; fewer tiles on a tie. The whole image when it fits."""
+    best = None
+    max_cols = _most_cuts(width, min_hw[1], overlap)
+    for rows in range(1, _most_cuts(height, min_hw[0], overlap) + 1):
+        tile_h, ys = _axis_cut(height, rows, overlap)
+        if len(ys) < rows or (best is not None and rows * tile_h * width >= best[0][0]):
+            break  # more rows cannot compute fewer pixels
+        if not fits(tile_h, _axis_cut(width, max_cols, overlap)[0]):
+            continue
+        low, high = 1, max_cols  # the fewest columns whose tile fits (more columns only add overlap)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(tile_h, _axis_cut(width, middle, overlap)[0]) else (middle + 1, high)
+        cols = low
+        tile_w, xs = _axis_cut(width, cols, overlap)
+        while tile_w > MAX_ASPECT * tile_h and cols < max_cols:  # too wide: cut more
+            cols += 1
+            tile_w, xs = _axis_cut(width, cols, overlap)
+        if (rows, cols) != (1, 1) and max(tile_h, tile_w) > MAX_ASPECT * min(tile_h, tile_w):
+            continue
+        cost = (rows * cols * tile_h * tile_w, rows * cols)
+        if best is None or cost < best[0]:
+            best = (cost, TileGrid(height, width, tile_h, tile_w, tuple((y, x) for y in ys for x in xs)))
+    if best is None:
+        raise BdmError(f"no tiling of the {height}x{width} image fits the memory budget and the backend's limits; "
+                       "raise --memory-budget")
+    return best[1]
+
+
 def choose_tiling(height: int, width: int, limits, budget: int, tile=None, overlap=None):
     """(TileGrid, batch) for a padded height x width image under a memory budget and the runner's limits.
 
-    The whole image runs in one piece when it fits (as the original does); otherwise the largest square
-    tile that fits the budget and the runner's largest shape, as many per call as the budget allows.
+    Without `tile`: the whole image when it fits (as the original runs it), otherwise the grid of equal, possibly
+    rectangular, tiles that computes the fewest pixels while each tile fits the budget and the runner's shapes
+    (`plan_rectangular`). With `tile`: square tiles of that side (`plan_tiles`). As many tiles per call as the
+    budget allows.
     """
     max_h, max_w = limits.max_hw or (height, width)
-    min_side = max(limits.min_hw)
+    min_h, min_w = limits.min_hw
     if tile is None:
-        if height <= max_h and width <= max_w and network_bytes(height, width) <= budget:
-            tile = max(height, width)
-        else:
-            tile = min(max_h, max_w, max(height, width)) // MULTIPLE * MULTIPLE
-            while tile > min_side and network_bytes(tile, tile) > budget:
-                tile -= MULTIPLE
-    elif limits.max_hw is not None and tile > min(max_h, max_w):
-        raise BdmError(f"--tile {tile} is larger than the backend accepts ({max_h}x{max_w}); "
-                       f"use --tile {min(max_h, max_w) // MULTIPLE * MULTIPLE} or less")
-    if tile < min_side:
-        raise BdmError(f"--tile {tile} is smaller than the backend accepts ({limits.min_hw[0]}x"
-                       f"{limits.min_hw[1]}); use --tile {min_side} or more")
-    if overlap is None:
-        overlap = max(MULTIPLE, tile // 4 // MULTIPLE * MULTIPLE)
-    grid = plan_tiles(height, width, tile, overlap)
+        def fits(tile_h, tile_w):
+            return tile_h <= max_h and tile_w <= max_w and network_bytes(tile_h, tile_w) <= budget
+
+        grid = plan_rectangular(height, width, fits, (min_h, min_w), overlap)
+    else:
+        if limits.max_hw is not None and tile > min(max_h, max_w):
+            raise BdmError(f"--tile {tile} is larger than the backend accepts ({max_h}x{max_w}); "
+                           f"use --tile {min(max_h, max_w) // MULTIPLE * MULTIPLE} or less")
+        if tile < max(min_h, min_w):
+            raise BdmError(f"--tile {tile} is smaller than the backend accepts ({min_h}x{min_w}); "
+                           f"use --tile {max(min_h, min_w)} or more")
+        if overlap is None:
+            overlap = max(MULTIPLE, tile // OVERLAP_FRACTION // MULTIPLE * MULTIPLE)
+        grid = plan_tiles(height, width, tile, overlap)
     per_tile = network_bytes(grid.tile_h, grid.tile_w)
     batch = max(1, min(budget // per_tile, limits.max_batch or len(grid.origins), len(grid.origins)))
     return grid, batch

@@ -77,3 +77,15 @@ def ray_cluster():
              log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The bdm CPU kernels (bdm.plugins.cpu_kernels, built on first use); skips with the reason where they cannot
+    load."""
+    from bdm.plugins import cpu_kernels as module
+
+    try:
+        return module.load()
+    except module.CpuKernelsUnavailable as e:
+        pytest.skip(f"the CPU kernels cannot load here: {e}")

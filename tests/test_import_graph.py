@@ -48,7 +48,7 @@ def imported_modules(path: Path, module: str):
 def package_files():
     for path in sorted(ROOT.rglob("*.py")):
         top = path.relative_to(ROOT).parts[0]
-        if top in ("tests", "build", "dist", ".venv") or top.endswith(".egg-info"):
+        if top in ("tests", "tools", "build", "dist", ".venv") or top.endswith(".egg-info"):  # tools: not installed
             continue
         yield path
 

@@ -46,8 +46,8 @@ class ModelFamily:
     modes, default_mode, set_mode(model, mode): how its PyTorch network computes (set_mode returns the model).
     export_checkpoint(ckpt, output, config, model, options, log) -> the validation report (None: not validated);
         writes `output` atomically.
-    compare_file(onnx_path, onnx_model, metadata, model, ckpt, nhw, open_engine, seed, log) -> a ParityReport: `bdm
-        validate` of one of its exports against the PyTorch reference `model`.
+    compare_file(onnx_path, onnx_model, metadata, model, ckpt, nhw, open_engine, open_kernels, seed, log) -> a
+        ParityReport: `bdm validate` of one of its exports against the PyTorch reference `model`.
     packed_inputs: {bdm op: (packed sign-bit input, per-channel scale input)} of the ops its exports hold.
     container_keys: checkpoint keys holding the state_dict, first present wins; key_prefixes: stripped from keys.
     select_state(state, network keys) -> the network's state_dict inside an unwrapped checkpoint (None: as is).

@@ -1,4 +1,5 @@
-"""The validation harness of every family: the PyTorch reference, ONNX Runtime and optionally a TensorRT engine run on
+"""The validation harness of every family: the PyTorch reference, ONNX Runtime and optionally a TensorRT engine (and
+the bdm CPU kernels runner) run on
 the same feeds through Polygraphy's Comparator (which, when asked, also prints its per-output error statistics
 against the bound); the one error measure; the TorchScript exporter's node-name-to-module-path rule; and the report
 that each family's diagnosis (bidiffsr.validate: sign flips; binarydm.validate: code flips) fills in."""
@@ -84,13 +85,20 @@ def pytorch_runner(model: torch.nn.Module, input_names: Sequence[str], input_dty
     return FunctionRunner("pytorch", infer, input_dtypes)
 
 
-def engine_runner(runner, input_dtypes: Mapping[str, np.dtype]) -> FunctionRunner:
-    """A bdm runner (runtime.backends: infer / to_host) of a TensorRT engine as runner "tensorrt"."""
+def bdm_runner(runner, name: str, input_dtypes: Mapping[str, np.dtype]) -> FunctionRunner:
+    """A bdm runner (runtime.backends: infer / to_host) as Polygraphy runner `name`: "tensorrt" for an engine,
+    "cpu-kernels" for the CPU kernels runner."""
 
     def infer(feed):
         return {OUTPUT_NAME: np.asarray(runner.to_host(runner.infer(feed)[OUTPUT_NAME]), dtype=np.float32)}
 
-    return FunctionRunner("tensorrt", infer, input_dtypes)
+    return FunctionRunner(name, infer, input_dtypes)
+
+
+def probing_runner(runner, name: str, values: Sequence[str], input_dtypes: Mapping[str, np.dtype]) -> FunctionRunner:
+    """A bdm runner that reads graph values (`runner.values(feed, names)`: the CPU kernels runner) as Polygraphy
+    runner `name`: its outputs are eps and those values, as ONNX Runtime's probed session gives them."""
+    return FunctionRunner(name, lambda feed: runner.values(feed, values), input_dtypes)
 
 
 def onnxruntime_runner(session) -> OnnxrtRunner:

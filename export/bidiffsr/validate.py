@@ -1,5 +1,5 @@
-"""`bdm validate` of a BI-DiffSR export: the PyTorch reference against ONNX Runtime (and a TensorRT engine) through
-the validation harness, on seeded inputs whose t covers both boundaries of every timestep group; a case that misses
+"""`bdm validate` of a BI-DiffSR export: the PyTorch reference against ONNX Runtime (and the bdm CPU kernels, a
+TensorRT engine) through the validation harness, on seeded inputs whose t covers both boundaries of every timestep group; a case that misses
 the bound (and every fp16 case) is looked into sign flip by sign flip (`compare`)."""
 
 import contextlib
@@ -16,7 +16,7 @@ from polygraphy.backend.onnxrt import SessionFromOnnx
 from bdm.contract import CONDITIONAL_INPUT_NAMES, OUTPUT_NAME, ModelMetadata
 from bdm.errors import BdmError
 from bdm.export.base import functions
-from bdm.export.base.validation import (TOLERANCE, ParityCase, ParityReport, case_line, engine_runner, module_path,
+from bdm.export.base.validation import (TOLERANCE, ParityCase, ParityReport, bdm_runner, case_line, module_path,
                                         onnxruntime_runner, pytorch_runner, relative_error, run_comparator)
 from bdm.export.bidiffsr import network as bidiffsr
 from bdm.plugins import spec
@@ -120,6 +120,35 @@ class OnnxLayerProbe:
         presign = dict(zip(self.taps, values[0::2]))
         signs = dict(zip(self.taps, values[1::2]))
         return eps.astype(np.float32), presign, signs
+
+
+class RunnerLayerProbe:
+    """The same per-layer values from a runner that reads graph values, `runner.values(feed, names)` (the CPU kernels
+    runner): a fused layer's x + threshold[g] (the spec's one float32 addition before the sign, as the kernels
+    compute it), an unfused layer's TimestepBias output; the sign maps are their signs (sign(0) = 0)."""
+
+    def __init__(self, model: onnx.ModelProto, runner):
+        self.layers = onnx_binary_layers(model)
+        tables = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.taps = {}  # path -> (graph value, threshold table or None)
+        for node, layer in zip([n for n in model.graph.node if n.domain == functions.DOMAIN
+                                and n.op_type in ("BinaryConv2d", "TimestepBias")], self.layers):
+            fused = node.op_type == "BinaryConv2d"
+            self.taps[layer.path] = (node.input[0], tables[node.input[4]]) if fused else (node.output[0], None)
+        self.runner = runner
+
+    def run(self, feed):
+        """(eps, {path: pre-sign value}, {path: sign map}) as the runner computed them."""
+        values = self.runner.values(feed, [name for name, _ in self.taps.values()])
+        presign, signs = {}, {}
+        for layer in self.layers:
+            name, threshold = self.taps[layer.path]
+            value = values[name].astype(np.float32)
+            if threshold is not None:
+                g = spec.group_index(int(feed["t"][0]), layer.num_groups, layer.total_steps)
+                value = value + threshold[g].astype(np.float32).reshape(1, -1, 1, 1)
+            presign[layer.path], signs[layer.path] = value, np.sign(value)
+        return np.asarray(values[OUTPUT_NAME], np.float32), presign, signs
 
 
 def _torch_inputs(feed):
@@ -264,15 +293,16 @@ def _diagnose(case: CaseResult, model, probe: OnnxLayerProbe, feed, y_ort, dtype
 
 def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Optional[Sequence[int]] = None,
             seed: int = 0, feeds: Optional[Sequence[dict]] = None, open_engine: Optional[Callable] = None,
-            log=print, polygraphy_stats: bool = True) -> ValidationReport:
-    """Run PyTorch, ONNX Runtime (and the TensorRT runner `open_engine()` when given) on the same feeds through
-    Polygraphy's Comparator; returns the per-case results. The feeds are seeded random inputs of shape `nhw` at
+            log=print, polygraphy_stats: bool = True, kernels_runner=None) -> ValidationReport:
+    """Run PyTorch, ONNX Runtime (and `kernels_runner`, the bdm CPU kernels runner of the file, and the TensorRT
+    runner `open_engine()`, when given) on the same feeds through Polygraphy's Comparator; returns the per-case
+    results. The feeds are seeded random inputs of shape `nhw` at
     `timesteps` (default: both ends of every group), unless given.
 
     The bound is base.validation.TOLERANCE: max|y - y_ref| <= tol * max|y_ref| (fp32: 1e-5; fp16: 1e-2). A
     binarized network is chaotic: a pre-sign value x + beta that lies within rounding of 0 can take the other sign in
     another runtime, and one flipped sign moves the output far more than any rounding. So when ONNX Runtime misses
-    the bound (and always for fp16), the check looks inside: it reads every binary layer's pre-sign values and sign
+    the bound (and always for fp16), the check looks inside (ONNX Runtime's cases and the CPU kernels' alike): it reads every binary layer's pre-sign values and sign
     maps from both runtimes (ONNX Runtime's from its own run of the inlined graph), counts the flipped signs per
     layer, and re-runs the PyTorch reference with ONNX Runtime's sign maps forced in. The model passes only if, with
     the same signs, it is within the bound, and every flip happened at a value within `FLIP_MARGIN` of zero
@@ -296,8 +326,10 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
 
     runners = [pytorch_runner(model, CONDITIONAL_INPUT_NAMES, input_dtypes, np.float32),
                onnxruntime_runner(SessionFromOnnx(onnx_path.read_bytes(), providers=["CPUExecutionProvider"]))]
+    if kernels_runner is not None:
+        runners.append(bdm_runner(kernels_runner, "cpu-kernels", input_dtypes))
     if open_engine is not None:
-        runners.append(engine_runner(open_engine(), input_dtypes))
+        runners.append(bdm_runner(open_engine(), "tensorrt", input_dtypes))
     # Polygraphy's own verdict uses the plain bound; the sign-flip analysis below may overrule a miss.
     results = run_comparator(runners, feeds, bound=tol if polygraphy_stats else None)
     if polygraphy_stats:
@@ -305,7 +337,7 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
             f"(export/bidiffsr/validate.py)")
     outputs = {name: [np.asarray(it[OUTPUT_NAME], np.float32) for it in iterations]
                for name, iterations in results.items()}
-    probe = None
+    probes = {}
     cases = []
     for name in list(outputs)[1:]:
         for i, feed in enumerate(feeds):
@@ -315,9 +347,11 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
                               group=spec.group_index(t0, num_groups, total_steps),
                               max_abs=float(np.abs(y - y_ref).max()))
             case.passed = case.rel <= tol
-            if name == "onnxruntime" and (not case.passed or dtype == "float16"):
-                probe = probe or OnnxLayerProbe(onnx_model)
-                _diagnose(case, model, probe, feed, y, dtype, tol)
+            if name in ("onnxruntime", "cpu-kernels") and (not case.passed or dtype == "float16"):
+                if name not in probes:
+                    probes[name] = (OnnxLayerProbe(onnx_model) if name == "onnxruntime"
+                                    else RunnerLayerProbe(onnx_model, kernels_runner))
+                _diagnose(case, model, probes[name], feed, y, dtype, tol)
             elif name == "tensorrt" and not case.passed:
                 case.note = "(no per-layer values from an engine: compare the onnxruntime lines for sign flips)"
             cases.append(case)
@@ -326,9 +360,11 @@ def compare(onnx_path, model: torch.nn.Module, *, nhw=(1, 64, 64), timesteps: Op
 
 
 def compare_file(model_path: Path, onnx_model: onnx.ModelProto, metadata: ModelMetadata, model: torch.nn.Module, ckpt,
-                 nhw, open_engine: Optional[Callable], seed: int, log: Callable[[str], None]) -> ValidationReport:
+                 nhw, open_engine: Optional[Callable], open_kernels: Optional[Callable], seed: int,
+                 log: Callable[[str], None]) -> ValidationReport:
     """`bdm validate` of a BI-DiffSR export against its reference `model`, loaded from `ckpt`
-    (registry.validate_file)."""
+    (registry.validate_file); `open_kernels()` gives the CPU kernels runner of the file to compare too (or None)."""
     log(f"comparing {model_path} ({metadata.dtype}) with {ckpt}: inputs {'x'.join(map(str, nhw))}, t at both ends of "
         f"every timestep group, seed {seed}")
-    return compare(model_path, model, nhw=nhw, seed=seed, open_engine=open_engine, log=log)
+    return compare(model_path, model, nhw=nhw, seed=seed, open_engine=open_engine, log=log,
+                   kernels_runner=None if open_kernels is None else open_kernels())

@@ -1,6 +1,6 @@
-"""`bdm validate` of a BinaryDM export: ONNX Runtime (and a TensorRT engine) against the PyTorch reference in the
-export's mode, through the validation harness one feed at a time (only one feed's per-layer values are held); a case
-that misses the bound in a chaotic mode is looked into code flip by code flip (`compare`)."""
+"""`bdm validate` of a BinaryDM export: ONNX Runtime (and the bdm CPU kernels, a TensorRT engine) against the PyTorch
+reference in the export's mode, through the validation harness one feed at a time (only one feed's per-layer values
+are held); a case that misses the bound in a chaotic mode is looked into code flip by code flip (`compare`)."""
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +13,9 @@ import torch
 from bdm.contract import OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES, ModelMetadata
 from bdm.errors import BdmError
 from bdm.export.base import functions
-from bdm.export.base.validation import (ParityCase, ParityReport, case_line, engine_runner, module_path,
-                                        onnxruntime_runner, pytorch_runner, relative_error, run_comparator)
+from bdm.export.base.validation import (ParityCase, ParityReport, bdm_runner, case_line, module_path,
+                                        onnxruntime_runner, probing_runner, pytorch_runner, relative_error,
+                                        run_comparator)
 from bdm.export.base.validation import TOLERANCE as TOLERANCES
 from bdm.export.binarydm.layers import ActQuantizer, act_range, set_mode
 from bdm.export.binarydm.network import binarized_layers
@@ -66,7 +67,8 @@ def probed_quantizers(model: onnx.ModelProto) -> List[ProbedQuantizer]:
 
 class OnnxProbe:
     """ONNX Runtime on the model with every MultiBasisConv node's input, step and output, and every attention
-    quantizer's input and step, as extra outputs (the session the onnxruntime runner runs)."""
+    quantizer's input and step, as extra outputs (the session the onnxruntime runner runs); `names` (eps first) are
+    the values a runner of the file gives for the per-layer diagnosis (the CPU kernels runner reads the same)."""
 
     def __init__(self, model: onnx.ModelProto):
         import onnxruntime as ort
@@ -211,7 +213,7 @@ class CaseResult(ParityCase):
             text += f"; the free runs part at {self.first_divergence}"
         if self.forced_rel is not None:
             f = self.flips
-            text += (f"; with ONNX Runtime's codes: rel {self.forced_rel:.2e}, {f.codes} codes flipped in "
+            text += (f"; with {self.runner}'s codes: rel {self.forced_rel:.2e}, {f.codes} codes flipped in "
                      f"{f.quantizers} quantizers")
             if f.codes:
                 text += f" (all within {f.margin:.1e} of a rounding midpoint, worst at {f.worst})"
@@ -228,14 +230,15 @@ class ValidationReport(ParityReport):
         return max(c.rel for c in self.cases)
 
     def details(self) -> str:
-        # ONNX Runtime cases that passed through the forced-codes diagnosis (an engine's cases have none)
+        # the cases that passed through the forced-codes diagnosis (ONNX Runtime's, the CPU kernels'; an engine's
+        # have none)
         chaotic = [c for c in self.cases if c.rel > self.tolerance and c.forced_rel is not None]
         if not chaotic:
             return ""
         layers = max(c.worst_layer[1] for c in self.cases)
         forced = max(c.forced_rel for c in chaotic)
         return (f"; {len(chaotic)} parted at rounding-level 4-bit code flips (chaotic {self.mode} mode): with "
-                f"ONNX Runtime's codes {forced:.1e}, every layer teacher-forced within {layers:.1e}")
+                f"the runner's own codes {forced:.1e}, every layer teacher-forced within {layers:.1e}")
 
 
 def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: int = 2, seed: int = 0):
@@ -244,11 +247,40 @@ def validation_feeds(channels: int, size: int, timesteps: Sequence[int], batch: 
              "t": np.full(batch, t0, np.int64)} for t0 in timesteps]
 
 
+def _probed_case(runner: str, probe: OnnxProbe, ours: Dict[str, np.ndarray], model, layers, mode: str, feed,
+                 reference) -> CaseResult:
+    """One runner's case on one feed from its probed values `ours`, judged as `compare` says."""
+    case = CaseResult(runner=runner, t0=int(feed["t"][0]), rel=relative_error(reference, ours[OUTPUT_NAME]))
+    for node in probe.nodes:
+        layer = layers[node.path]
+        with forced_step(layer, ours[node.act_step] if node.act_step else None), torch.no_grad():
+            forced = layer(torch.from_numpy(ours[node.x])).numpy()
+        rel = relative_error(forced, ours[node.y])
+        case.layers += 1
+        if rel >= case.worst_layer[1]:
+            case.worst_layer = (node.path, rel)
+    case.passed = case.worst_layer[1] <= TOLERANCE and case.rel <= TOLERANCE
+    if case.rel > TOLERANCE:
+        case.first_divergence = first_divergence(torch_run(model, feed)[1], ours, probe.nodes)
+        if mode in CHAOTIC_MODES:
+            forced, flips = forced_codes_run(model, feed, onnx_quantizers(model, ours, probe))
+            case.flips = flips
+            case.forced_rel = relative_error(forced, ours[OUTPUT_NAME])
+            case.passed = (case.worst_layer[1] <= TOLERANCE and case.forced_rel <= TOLERANCE
+                           and flips.margin <= FLIP_MARGIN and flips.step_rel <= TOLERANCE)
+            if flips.margin > FLIP_MARGIN:
+                case.note = f"a code flip {flips.margin:.1e} from a rounding midpoint is not chaos: {flips.worst}"
+        else:
+            case.note = f"{mode} is not chaotic: this is an export error"
+    return case
+
+
 def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: int = 2,
-            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine=None,
+            timesteps: Sequence[int] = TIMESTEPS, seed: int = 0, engine=None, kernels_runner=None,
             log: Callable[[str], None] = print) -> ValidationReport:
-    """ONNX Runtime (and `engine`, a bdm runner of a TensorRT engine, when given) vs `model` (put in `mode` for the
-    comparison) on seeded feeds at the start, middle and end of the schedule.
+    """ONNX Runtime (and `kernels_runner`, the bdm CPU kernels runner of the file, and `engine`, a bdm runner of a
+    TensorRT engine, when given) vs `model` (put in `mode` for the comparison) on seeded feeds at the start, middle
+    and end of the schedule.
 
     Bound: max|y - y_ref| <= 1e-5 * max|y_ref| (fp32). In w1a32 and fp the whole network is well conditioned and
     must meet it. A W1A4 network in static or dynamic mode is chaotic: a value that lands within rounding of a 4-bit
@@ -272,41 +304,23 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
     input_dtypes = {"x_t": np.dtype(np.float32), "t": np.dtype(np.int64)}
     runners = [pytorch_runner(model, UNCONDITIONAL_INPUT_NAMES, input_dtypes),
                onnxruntime_runner(lambda: probe.session)]
+    probed_runners = ["onnxruntime"]  # the runners whose per-layer values are read
+    if kernels_runner is not None:
+        runners.append(probing_runner(kernels_runner, "cpu-kernels", probe.names[1:], input_dtypes))
+        probed_runners.append("cpu-kernels")
     if engine is not None:
-        runners.append(engine_runner(engine, input_dtypes))
+        runners.append(bdm_runner(engine, "tensorrt", input_dtypes))
     previous = {m: m.mode for m in model.modules() if hasattr(m, "mode")}
     set_mode(model, mode)
     report = ValidationReport(tolerance=TOLERANCE, cases=[], mode=mode)
     try:
         for feed in validation_feeds(model.in_channels, size, timesteps, batch, seed):
             outputs = run_comparator(runners, [feed])
-            reference, ours = outputs["pytorch"][0][OUTPUT_NAME], outputs["onnxruntime"][0]
-            case = CaseResult(runner="onnxruntime", t0=int(feed["t"][0]),
-                              rel=relative_error(reference, ours[OUTPUT_NAME]))
-            for node in probe.nodes:
-                layer = layers[node.path]
-                with forced_step(layer, ours[node.act_step] if node.act_step else None), torch.no_grad():
-                    forced = layer(torch.from_numpy(ours[node.x])).numpy()
-                rel = relative_error(forced, ours[node.y])
-                case.layers += 1
-                if rel >= case.worst_layer[1]:
-                    case.worst_layer = (node.path, rel)
-            case.passed = case.worst_layer[1] <= TOLERANCE and case.rel <= TOLERANCE
-            if case.rel > TOLERANCE:
-                case.first_divergence = first_divergence(torch_run(model, feed)[1], ours, probe.nodes)
-                if mode in CHAOTIC_MODES:
-                    forced, flips = forced_codes_run(model, feed, onnx_quantizers(model, ours, probe))
-                    case.flips = flips
-                    case.forced_rel = relative_error(forced, ours[OUTPUT_NAME])
-                    case.passed = (case.worst_layer[1] <= TOLERANCE and case.forced_rel <= TOLERANCE
-                                   and flips.margin <= FLIP_MARGIN and flips.step_rel <= TOLERANCE)
-                    if flips.margin > FLIP_MARGIN:
-                        case.note = (f"a code flip {flips.margin:.1e} from a rounding midpoint is not chaos: "
-                                     f"{flips.worst}")
-                else:
-                    case.note = f"{mode} is not chaotic: this is an export error"
-            log(case.line(TOLERANCE))
-            report.cases.append(case)
+            reference = outputs["pytorch"][0][OUTPUT_NAME]
+            for name in probed_runners:
+                case = _probed_case(name, probe, outputs[name][0], model, layers, mode, feed, reference)
+                log(case.line(TOLERANCE))
+                report.cases.append(case)
             if engine is not None:
                 case = CaseResult(runner="tensorrt", t0=int(feed["t"][0]),
                                   rel=relative_error(reference, outputs["tensorrt"][0][OUTPUT_NAME]))
@@ -322,9 +336,11 @@ def compare(onnx_path, model, mode: str, *, size: Optional[int] = None, batch: i
 
 
 def compare_file(model_path: Path, onnx_model: onnx.ModelProto, metadata: ModelMetadata, model: torch.nn.Module, ckpt,
-                 nhw, open_engine: Optional[Callable], seed: int, log: Callable[[str], None]) -> ValidationReport:
+                 nhw, open_engine: Optional[Callable], open_kernels: Optional[Callable], seed: int,
+                 log: Callable[[str], None]) -> ValidationReport:
     """`bdm validate` of a BinaryDM export against its reference `model`, loaded from `ckpt`, in the export's mode
-    (registry.validate_file). nhw: batch and a square side, a multiple of the UNet's size multiple."""
+    (registry.validate_file); `open_kernels()` gives the CPU kernels runner of the file to compare too (or None).
+    nhw: batch and a square side, a multiple of the UNet's size multiple."""
     batch, size, width = nhw
     if size != width or size % model.size_multiple:
         raise BdmError(f"--shape {'x'.join(map(str, nhw))}: BinaryDM validation takes square inputs whose side is a "
@@ -332,4 +348,6 @@ def compare_file(model_path: Path, onnx_model: onnx.ModelProto, metadata: ModelM
     mode = metadata.act_mode or "static"
     log(f"comparing {model_path} (BinaryDM, {mode} mode) with {ckpt}: t in {list(TIMESTEPS)}, seed {seed}")
     engine = None if open_engine is None else open_engine()
-    return compare(model_path, model, mode, size=size, batch=batch, seed=seed, engine=engine, log=log)
+    kernels = None if open_kernels is None else open_kernels()
+    return compare(model_path, model, mode, size=size, batch=batch, seed=seed, engine=engine, kernels_runner=kernels,
+                   log=log)

@@ -93,3 +93,22 @@ def test_build_engine_refuses_what_is_not_a_bdm_model(tmp_path):
 def test_build_engine_missing_model_is_one_line(tmp_path):
     out = run_bdm("build-engine", str(tmp_path / "missing.onnx"), str(tmp_path / "e.engine"))
     assert out.returncode == 2 and "no such ONNX file" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_doctor_names_the_cpu_path_and_its_instruction_set_or_why_not():
+    from bdm.plugins import cpu_kernels
+
+    try:
+        isa = cpu_kernels.load().isa
+    except cpu_kernels.CpuKernelsUnavailable as e:
+        isa = None
+        reason = str(e)
+    lines = run_bdm("doctor").stdout.splitlines()
+    expected = (f"CPU path: bdm CPU kernels, instruction set {isa}, " if isa else
+                f"CPU path: ONNX Runtime with the function bodies (the bdm CPU kernels cannot load: {reason})")
+    assert any(line.startswith(expected) for line in lines), lines
+    forced = subprocess.run(["bdm", "doctor"], capture_output=True, text=True,
+                            env=dict(os.environ, BDM_CPU_ISA="sse9"))
+    assert any(line.startswith("CPU path: ONNX Runtime with the function bodies (the bdm CPU kernels cannot load: "
+                               "BDM_CPU_ISA=sse9 is not an instruction-set path")
+               for line in forced.stdout.splitlines())

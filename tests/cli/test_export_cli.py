@@ -73,6 +73,14 @@ def test_validate_uses_the_recorded_network_and_prints_polygraphy_stats(exported
     assert run.stdout.strip().splitlines()[-1].startswith("PASSED: worst error")
 
 
+def test_validate_compares_the_cpu_kernels_too(exported, small, cpu_kernels):
+    out, _ = exported
+    run = run_bdm("validate", out, "--ckpt", small[0], "--shape", "1x16x16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Accuracy Summary | pytorch vs. cpu-kernels | Passed: 10/10" in run.stdout
+    assert sum("cpu-kernels t=" in line and line.endswith("PASS") for line in run.stdout.splitlines()) == 10
+
+
 def test_validate_fails_against_other_weights(exported, small, tmp_path):
     out, _ = exported
     state = torch.load(small[0], weights_only=True)

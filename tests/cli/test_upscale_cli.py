@@ -40,7 +40,7 @@ def test_ckpt_upscale_end_to_end(bi_ref, lr_png, tmp_path):
     (["--onnx", "{tmp}/a.onnx", "--ckpt", "{ref}/ckpt_small_x4.pth", "{lr}", "{tmp}/o.png"],
      "give exactly one model"),
     (["--onnx", "{tmp}/missing.onnx", "{lr}", "{tmp}/o.png"], "no such ONNX file"),
-    (["--onnx", "{lr}", "{lr}", "{tmp}/o.png"], "ONNX Runtime cannot load it"),
+    (["--onnx", "{lr}", "{lr}", "{tmp}/o.png"], "is not an ONNX model"),
     (["--engine", "{lr}", "{lr}", "{tmp}/o.png"], "TensorRT"),
     (["--ckpt", "{ref}/ckpt_small_x4.pth", "{lr}", "{tmp}/no_folder/o.png"], "does not exist; create it first"),
     (["--ckpt", "{ref}/ckpt_small_x4.pth", "{lr}", "{tmp}/o.xyz"], "unknown image suffix"),
@@ -91,7 +91,7 @@ def test_a_scale_other_than_the_recorded_one_is_one_warning(bi_ref, lr_png, tmp_
         assert result.returncode == 0, result.stderr
         warnings[scale] = [line for line in result.stderr.splitlines() if "warning" in line]
     assert warnings["4"] == [] and len(warnings["3"]) == 1
-    assert warnings["3"][0].startswith("bdm: warning: upscaling x3, but ONNX Runtime") and "exported for x4" in \
+    assert warnings["3"][0].startswith("bdm: warning: upscaling x3, but bdm CPU kernels") and "exported for x4" in \
         warnings["3"][0]
     assert np.asarray(Image.open(tmp_path / "x3.png")).shape == (72, 72, 3)
 

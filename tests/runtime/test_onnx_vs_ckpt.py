@@ -1,5 +1,6 @@
 """`bdm upscale --onnx` against `--ckpt`: teacher-forced per step on the official trajectories, then free-running
-from the same noise (the ONNX file comes from `bdm export` of the reduced checkpoint)."""
+from the same noise (the ONNX file comes from `bdm export` of the reduced checkpoint), for both CPU runners of an
+ONNX file: ONNX Runtime with the function bodies and the bdm CPU kernels."""
 
 import subprocess
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from bdm.runtime.backends import OrtRunner, TorchRunner
+from bdm.runtime.kernel_runner import CpuKernelRunner
 from bdm.runtime.preprocess import crop, quantize
 from bdm.runtime.sampler import ddim_schedule, sample
 
@@ -22,12 +24,20 @@ def runners(bi_ref, tmp_path_factory):
         pytest.skip("`bdm export` is not implemented yet")
     assert run.returncode == 0, run.stderr
     torch_runner = TorchRunner(bi_ref / "ckpt_small_x4.pth", config=bi_ref / "ckpt_small_x4.yml", device="cpu")
-    return OrtRunner(onnx), torch_runner
+    return {"onnxruntime": OrtRunner(onnx), "cpu-kernels": onnx}, torch_runner
 
 
+def onnx_runner(runners, backend, request):
+    if backend == "onnxruntime":
+        return runners[0][backend]
+    return CpuKernelRunner(runners[0][backend], kernels=request.getfixturevalue("cpu_kernels"))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "cpu-kernels"])
 @pytest.mark.parametrize("golden", ["sampler_x4", "sampler_x2_pad"])
-def test_onnx_and_ckpt_agree_step_by_step_on_the_official_trajectory(runners, bi_ref, golden, capsys):
-    ort_runner, torch_runner = runners
+def test_onnx_and_ckpt_agree_step_by_step_on_the_official_trajectory(runners, bi_ref, golden, backend, capsys,
+                                                                   request):
+    ort_runner, torch_runner = onnx_runner(runners, backend, request), runners[1]
     g = np.load(bi_ref / f"{golden}.npz")
     errors = []
     for k, i in enumerate(g["saved_step_indices"]):
@@ -37,14 +47,15 @@ def test_onnx_and_ckpt_agree_step_by_step_on_the_official_trajectory(runners, bi
         errors.append((int(i), float(np.abs(eps_ort - eps_torch).max() / np.abs(eps_torch).max())))
     worst = max(e for _, e in errors)
     with capsys.disabled():
-        print(f"\n[{golden}] ONNX Runtime vs PyTorch, teacher-forced over {len(errors)} steps: "
+        print(f"\n[{golden}] {ort_runner.name} vs PyTorch, teacher-forced over {len(errors)} steps: "
               f"worst relative max error {worst:.2e}; over {REL_TOL}: {[i for i, e in errors if e > REL_TOL]}")
     assert worst <= REL_TOL, f"steps over the bound (find the first diverging BIConv): {errors}"
 
 
-def test_onnx_and_ckpt_free_running_runs_from_the_same_noise(runners, bi_ref, capsys):
+@pytest.mark.parametrize("backend", ["onnxruntime", "cpu-kernels"])
+def test_onnx_and_ckpt_free_running_runs_from_the_same_noise(runners, bi_ref, backend, capsys, request):
     """The whole 50-step run of sampler_x2_pad from its noise_init on both backends."""
-    ort_runner, torch_runner = runners
+    ort_runner, torch_runner = onnx_runner(runners, backend, request), runners[1]
     g = np.load(bi_ref / "sampler_x2_pad.npz")
     schedule = ddim_schedule(50)
     outputs = {}
@@ -57,6 +68,6 @@ def test_onnx_and_ckpt_free_running_runs_from_the_same_noise(runners, bi_ref, ca
     mse = np.mean((outputs["onnx"] - outputs["ckpt"]) ** 2)
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
     with capsys.disabled():
-        print(f"\n[sampler_x2_pad, 50 steps] ONNX Runtime vs PyTorch final uint8 image: PSNR {psnr:.1f} dB, "
+        print(f"\n[sampler_x2_pad, 50 steps] {ort_runner.name} vs PyTorch final uint8 image: PSNR {psnr:.1f} dB, "
               f"max |diff| {np.abs(outputs['onnx'] - outputs['ckpt']).max():.0f}/255")
     assert outputs["onnx"].shape == (30, 26, 3)

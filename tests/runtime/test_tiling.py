@@ -70,10 +70,11 @@ def test_tiled_sampling_is_seamless_for_a_local_network():
 def test_tile_size_follows_the_memory_budget_and_backend_limits():
     limits = Limits(max_batch=4, min_hw=(64, 64), max_hw=(256, 256))
     grid, batch = choose_tiling(1024, 768, limits, budget=network_bytes(200, 200))
-    assert grid.tile_h == grid.tile_w <= 200 and network_bytes(grid.tile_h, grid.tile_w) <= network_bytes(200, 200)
-    assert batch == 1
+    assert network_bytes(grid.tile_h, grid.tile_w) <= network_bytes(200, 200) and batch == 1
     grid, batch = choose_tiling(1024, 768, limits, budget=1 << 40)
-    assert (grid.tile_h, grid.tile_w) == (256, 256) and batch == 4
+    assert grid.tile_h <= 256 and grid.tile_w <= 256 and batch == 4
+    square, _ = choose_tiling(1024, 768, limits, budget=1 << 40, tile=256)
+    assert pixels(grid) <= pixels(square)
     with pytest.raises(BdmError, match="larger than the backend accepts"):
         choose_tiling(1024, 768, limits, budget=1 << 40, tile=512)
     with pytest.raises(BdmError, match="smaller than the backend accepts"):
@@ -82,6 +83,62 @@ def test_tile_size_follows_the_memory_budget_and_backend_limits():
         plan_tiles(96, 96, 30, 8)
     with pytest.raises(BdmError, match="tile-overlap"):
         plan_tiles(96, 96, 32, 32)
+
+
+def pixels(grid) -> int:
+    return len(grid.origins) * grid.tile_h * grid.tile_w
+
+
+def check_plan(grid, budget, limits):
+    """Every pixel covered, origins on the 8-pixel grid inside the image, neighbours overlapping, every tile within
+    the budget and the runner's shapes."""
+    normaliser = blend_normaliser(grid, blend_window(grid.tile_h, grid.tile_w))   # raises if a pixel is uncovered
+    assert np.isfinite(normaliser).all()
+    for origins, length, side in ((sorted({y for y, _ in grid.origins}), grid.height, grid.tile_h),
+                                  (sorted({x for _, x in grid.origins}), grid.width, grid.tile_w)):
+        assert origins[0] == 0 and origins[-1] == length - side and all(o % 8 == 0 for o in origins)
+        assert all(b - a <= side - 8 for a, b in zip(origins, origins[1:]))
+    assert grid.whole or network_bytes(grid.tile_h, grid.tile_w) <= budget
+    if limits.max_hw:
+        assert grid.tile_h <= limits.max_hw[0] and grid.tile_w <= limits.max_hw[1]
+
+
+def test_the_320x240_example_computes_at_most_1_3_times_its_pixels():
+    """1280x960 output on a 24 GiB machine (the host budget, a quarter of it): the square plan ran 4 tiles of
+    912x912, 2.7x the pixels, at every step; the plan now cuts one axis."""
+    budget = 6 << 30
+    grid, batch = choose_tiling(960, 1280, Limits(), budget)
+    check_plan(grid, budget, Limits())
+    assert pixels(grid) <= 1.3 * 960 * 1280 and len(grid.origins) == 2
+    square, _ = choose_tiling(960, 1280, Limits(), budget, tile=912)
+    assert pixels(square) > 2.7 * 960 * 1280
+
+
+@pytest.mark.parametrize("height, width, budget_side, limits", [
+    (960, 1280, 700, Limits()), (2048, 512, 400, Limits()), (512, 4096, 512, Limits()),
+    (1024, 768, 2000, Limits(max_hw=(256, 384))), (640, 640, 300, Limits(min_hw=(128, 128))),
+    (96, 4000, 96, Limits())])
+def test_plans_cover_fit_and_never_compute_more_than_square_tiles(height, width, budget_side, limits):
+    budget = network_bytes(budget_side, budget_side)
+    grid, _ = choose_tiling(height, width, limits, budget)
+    check_plan(grid, budget, limits)
+    assert max(grid.tile_h, grid.tile_w) <= 4 * min(grid.tile_h, grid.tile_w) or grid.whole
+    tile = min(budget_side, *(limits.max_hw or (budget_side,))) // 8 * 8
+    square, _ = choose_tiling(height, width, limits, budget, tile=tile)
+    assert pixels(grid) <= pixels(square)
+
+
+def test_an_image_that_fits_runs_whole_and_rectangular_tiles_blend_like_the_whole_image():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 3, 96, 200), dtype=np.float32)
+    cond = rng.random((1, 3, 96, 200), dtype=np.float32)
+    runner = PointwiseRunner(max_batch=2)
+    assert choose_tiling(96, 200, runner.limits, budget=network_bytes(96, 200))[0].whole
+    grid, batch = choose_tiling(96, 200, runner.limits, budget=network_bytes(96, 80))
+    assert grid.tile_h == 96 and grid.tile_w < 200 and len(grid.origins) > 1
+    whole = PointwiseRunner().infer({"x_t": x, "cond": cond, "t": np.array([300])})["eps"]
+    tiled = TiledEps(runner, cond, grid, batch)(x, cond, 300)
+    assert np.abs(tiled - whole).max() <= 2e-7
 
 
 class TorchStateRunner(PointwiseRunner):

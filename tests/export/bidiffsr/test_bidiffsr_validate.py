@@ -11,6 +11,7 @@ from bdm.errors import BdmError
 from bdm.export.base.onnx_graph import write_validated
 from bdm.export.bidiffsr import onnx_export, validate
 from bdm.plugins import spec
+from bdm.runtime.kernel_runner import CpuKernelRunner
 
 
 @pytest.fixture(scope="module")
@@ -85,26 +86,31 @@ def nudge_threshold(small_onnx, small_model, feed, scale):
     return corrupted(small_onnx, node.input[4], shift), abs(v[closest]) / np.abs(v).max()
 
 
-def test_a_flip_within_rounding_of_zero_passes_with_the_same_signs(small_onnx, small_model, tmp_path):
+def test_a_flip_within_rounding_of_zero_passes_with_the_same_signs(small_onnx, small_model, tmp_path,
+                                                                   cpu_kernels):
     feed = validate.validation_feeds((1, 32, 32), [1200], np.float32)[0]
     nudged, margin = nudge_threshold(small_onnx, small_model, feed, 1.001)
     assert margin < validate.FLIP_MARGIN["float32"]
-    report = validate.compare(write(nudged, tmp_path, "n.onnx"), small_model, feeds=[feed], log=print,
-                              polygraphy_stats=False)
-    (case,) = report.cases
-    assert case.rel > 1e-5  # the flipped sign moves the output far beyond rounding ...
-    assert case.flips and case.flips[0].path == "downs.1.res_block.block1.conv" and case.flips[0].flipped >= 1
-    assert case.forced_rel <= 1e-5 and case.passed  # ... and with the same signs all else agrees
+    path = write(nudged, tmp_path, "n.onnx")
+    report = validate.compare(path, small_model, feeds=[feed], log=print, polygraphy_stats=False,
+                              kernels_runner=CpuKernelRunner(path, kernels=cpu_kernels))
+    assert [c.runner for c in report.cases] == ["onnxruntime", "cpu-kernels"]
+    for case in report.cases:
+        assert case.rel > 1e-5  # the flipped sign moves the output far beyond rounding ...
+        assert case.flips and case.flips[0].path == "downs.1.res_block.block1.conv" and case.flips[0].flipped >= 1
+        assert case.forced_rel <= 1e-5 and case.passed  # ... and with the same signs all else agrees
 
 
-def test_a_threshold_off_by_more_than_rounding_fails(small_onnx, small_model, tmp_path):
+def test_a_threshold_off_by_more_than_rounding_fails(small_onnx, small_model, tmp_path, cpu_kernels):
     feed = validate.validation_feeds((1, 32, 32), [1200], np.float32)[0]
     path, v = first_layer_presign(small_model, feed)
     shifted, _ = nudge_threshold(small_onnx, small_model, feed, 1.001 * 0.02 * np.abs(v).max() / np.abs(v).min())
-    report = validate.compare(write(shifted, tmp_path, "s.onnx"), small_model, feeds=[feed], log=print,
-                              polygraphy_stats=False)
-    (case,) = report.cases
-    assert not case.passed and "is not rounding" in case.note
+    path = write(shifted, tmp_path, "s.onnx")
+    report = validate.compare(path, small_model, feeds=[feed], log=print, polygraphy_stats=False,
+                              kernels_runner=CpuKernelRunner(path, kernels=cpu_kernels))
+    assert len(report.cases) == 2
+    for case in report.cases:
+        assert not case.passed and "is not rounding" in case.note
 
 
 def test_a_flipped_weight_bit_fails(small_onnx, small_model, tmp_path):
@@ -142,3 +148,20 @@ def test_probe_reads_onnx_runtimes_signs_in_the_fused_and_the_unfused_form(small
         np.testing.assert_array_equal(signs[path], signs_unfused[path])
         assert np.abs(presign[path] - ref).max() <= 1e-5 * np.abs(ref).max()
         assert set(np.unique(signs[path])) <= {-1.0, 0.0, 1.0}
+
+
+def test_the_kernels_runner_probe_reads_the_signs_onnx_runtime_reads(small_onnx, small_model, tmp_path,
+                                                                     cpu_kernels):
+    """RunnerLayerProbe (the CPU kernels' pre-sign values, from the node inputs they read) against ONNX Runtime's
+    own Sign nodes, fused and unfused."""
+    feed = validate.validation_feeds((2, 16, 16), [700], np.float32)[0]
+    for model in (small_onnx, onnx_export.to_onnx(small_model, fused=False)):
+        path = write(model, tmp_path, "m.onnx")
+        ours = validate.RunnerLayerProbe(model, CpuKernelRunner(path, kernels=cpu_kernels)).run(feed)
+        theirs = validate.OnnxLayerProbe(model).run(feed)
+        assert list(ours[2]) == list(theirs[2])
+        assert validate.relative_error(theirs[0], ours[0]) <= 1e-5
+        for path_ in theirs[2]:
+            assert np.abs(ours[1][path_] - theirs[1][path_]).max() <= 1e-5 * np.abs(theirs[1][path_]).max()
+            flipped = ours[2][path_] != theirs[2][path_]
+            assert np.abs(theirs[1][path_][flipped]).max(initial=0) <= 1e-5 * np.abs(theirs[1][path_]).max()

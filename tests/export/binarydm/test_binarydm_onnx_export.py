@@ -23,6 +23,7 @@ from bdm.export.binarydm import onnx_export as binarydm_onnx, validate as binary
 from bdm.export.binarydm.network import sign_sources
 from bdm.export.binarydm.network import binarized_layers
 from bdm.export.binarydm.layers import set_mode
+from bdm.runtime.kernel_runner import CpuKernelRunner
 
 from binarydm_goldens import ATTENTION_CASE, BLOCK_CASES, LAYER_CASES, assert_within_bound, build_case  # tests/export
 
@@ -221,13 +222,15 @@ def test_latent_weight_check_finds_each_form_of_a_binarized_weight(resolved_unet
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_unet_chaotic_modes_pass_the_validation(resolved_unet, unet_exports, mode, tmp_path):
+def test_unet_chaotic_modes_pass_the_validation(resolved_unet, unet_exports, mode, tmp_path, cpu_kernels):
     """t = 999 parts at a code flip in dynamic mode (measured): the forced-codes run must then meet the bound."""
     path = tmp_path / f"{mode}.onnx"
     path.write_bytes(unet_exports[mode].SerializeToString())
     lines = []
-    report = binarydm_validate.compare(path, resolved_unet, mode, timesteps=(999,), log=lines.append)
+    report = binarydm_validate.compare(path, resolved_unet, mode, timesteps=(999,), log=lines.append,
+                                       kernels_runner=CpuKernelRunner(path, kernels=cpu_kernels))
     print("\n".join(f"[{UNET} {mode} validation] {line}" for line in lines))
+    assert [c.runner for c in report.cases] == ["onnxruntime", "cpu-kernels"]
     assert report.passed and all(c.layers == 96 and c.worst_layer[1] <= 1e-5 for c in report.cases)
     for case in report.cases:
         assert case.rel <= 1e-5 or (case.forced_rel <= 1e-5 and case.flips.codes >= 1)
@@ -254,7 +257,7 @@ def invert_first_channel(packed):
 
 
 @pytest.mark.parametrize("where", ["layer", "glue"])
-def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path, where):
+def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path, where, cpu_kernels):
     exported = unet_exports["static"]
     if where == "layer":
         broken = corrupted(exported, "output_blocks.3.0.in_layers.2.packed.weight", invert_first_channel)
@@ -264,18 +267,20 @@ def test_validation_catches_a_wrong_export(resolved_unet, unet_exports, tmp_path
 
     def compare(path):
         reports.append(binarydm_validate.compare(path, resolved_unet, "static", timesteps=(500,),
-                                                 log=lambda line: None))
+                                                 log=lambda line: None,
+                                                 kernels_runner=CpuKernelRunner(path, kernels=cpu_kernels)))
         return reports[-1]
 
     with pytest.raises(BdmError, match=r"beyond 1e-05 \(lines above\); no file written"):
         write_validated(broken, tmp_path / "broken.onnx", compare)  # as `bdm export` writes its file
     assert list(tmp_path.iterdir()) == []
-    case = reports[0].cases[0]
-    assert not reports[0].passed and case.rel > 1e-5
-    if where == "layer":
-        assert case.worst_layer[0] == "output_blocks.3.0.in_layers.2" and case.worst_layer[1] > 1e-3
-    else:
-        assert case.worst_layer[1] <= 1e-5 and case.forced_rel > 1e-5
+    assert not reports[0].passed and [c.runner for c in reports[0].cases] == ["onnxruntime", "cpu-kernels"]
+    for case in reports[0].cases:
+        assert case.rel > 1e-5 and not case.passed
+        if where == "layer":
+            assert case.worst_layer[0] == "output_blocks.3.0.in_layers.2" and case.worst_layer[1] > 1e-3
+        else:
+            assert case.worst_layer[1] <= 1e-5 and case.forced_rel > 1e-5
 
 
 def test_report_with_an_engine_case_that_misses_the_bound():
