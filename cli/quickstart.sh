@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on a machine without a GPU (README "Upscale an image"): set-up, then upscale a real
-# photo x4 with ONNX Runtime on the CPU, with the demo model bundled in bdm (nothing beside the repository is
+# photo x4 on the CPU (the bdm CPU kernels), with the demo model bundled in bdm (nothing beside the repository is
 # needed). With BDM_CKPT (and BDM_CONFIG) set to an official BI-DiffSR checkpoint it exports that one to ONNX
 # first (validated against PyTorch) and upscales with it instead.
 set -euo pipefail

@@ -153,14 +153,19 @@ def format_rows(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bdm.plugins.bench_cpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+def benchmark_parser(prog: str, doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the CPU kernel benchmarks (this one, bdm.runtime.bench_layers)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--isa", default=None, help="avx512, avx2 or portable (default: $BDM_CPU_ISA or the fastest)")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="one thread each, timed by CPU time (per-core ratios a busy machine does not distort)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = benchmark_parser("python -m bdm.plugins.bench_cpu", __doc__, repeats=15).parse_args(argv)
     try:
         rows = bench_rows(args.repeats, args.isa, args.threads, cpu_time=args.cpu_time)
     except BdmError as e:

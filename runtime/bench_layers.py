@@ -6,7 +6,6 @@
 Prints one row as bdm.plugins.bench_cpu does (--cpu-time: every contestant on one thread, timed by its CPU time).
 """
 
-import argparse
 import contextlib
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from bdm.errors import BdmError
 from bdm.export.bidiffsr.network import biconvs
 from bdm.plugins import cpu_kernels, packing
-from bdm.plugins.bench_cpu import OneThread, format_rows, median_ms
+from bdm.plugins.bench_cpu import OneThread, benchmark_parser, format_rows, median_ms
 from bdm.runtime.bench import released_model
 
 
@@ -63,13 +62,7 @@ def network_row(repeats: int = 5, isa: Optional[str] = None, threads: Optional[i
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bdm.runtime.bench_layers", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--isa", default=None, help="avx512, avx2 or portable (default: $BDM_CPU_ISA or the fastest)")
-    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: torch's)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="one thread each, timed by CPU time (per-core ratios a busy machine does not distort)")
-    args = parser.parse_args(argv)
+    args = benchmark_parser("python -m bdm.runtime.bench_layers", __doc__, repeats=5).parse_args(argv)
     try:
         row = network_row(args.repeats, args.isa, args.threads, cpu_time=args.cpu_time)
     except BdmError as e:
