@@ -109,7 +109,8 @@ def _bdm_layer(kernels, op: str, channels: int, rng: np.random.Generator):
 def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[int] = None,
                layers=LAYERS, cpu_time: bool = False) -> List[dict]:
     """One row per layer: {layer, shape, isa, threads, bdm_ms, ort_ms, torch_ms, vs_ort, vs_torch}. cpu_time: every
-    contestant on one thread, timed by the calling thread's CPU time."""
+    contestant on one thread, timed by the calling thread's CPU time. Every contestant runs with the CPU path's
+    allocator setting (cpu_kernels.reuse_freed_memory: no page faults on freed and reallocated outputs)."""
     import contextlib
 
     import torch
@@ -117,6 +118,7 @@ def bench_rows(repeats: int = 15, isa: Optional[str] = None, threads: Optional[i
 
     from bdm.plugins import cpu_kernels
 
+    cpu_kernels.reuse_freed_memory()
     kernels = cpu_kernels.load(isa, 1 if cpu_time else threads)
     cores = 1 if cpu_time else os.cpu_count() or 1
     clock = time.thread_time if cpu_time else time.perf_counter

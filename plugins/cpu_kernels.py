@@ -117,6 +117,20 @@ def _open_library() -> ctypes.CDLL:
 _loaded: Dict[tuple, "CpuKernels"] = {}
 
 
+def reuse_freed_memory() -> bool:
+    """The CPU path's allocator setting, process-wide (the runtime's runner and the benchmarks ask for it): glibc
+    serves blocks up to 1 GiB from its heap (M_MMAP_THRESHOLD) and keeps freed memory for reuse (M_TRIM_THRESHOLD),
+    so activations freed and allocated again each step are not page-faulted in again; False where this is not glibc
+    (nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def load(isa: Optional[str] = None, threads: Optional[int] = None) -> "CpuKernels":
     """The CPU kernels on instruction set `isa` (None: $BDM_CPU_ISA, else the fastest this CPU runs), with `threads`
     threads per call (None: torch.get_num_threads() at each call). Cached; builds the library on first use.

@@ -9,7 +9,7 @@ node's packed weights and tables are handed to the kernels once (`CpuKernels.pre
 Memory: a step allocates and frees dozens of activations of up to 32 MB. glibc serves blocks that large with
 mmap and returns them on free, so every step page-faults all of them in again (a fresh 16 MB tensor costs ~4096
 faults, more than some whole layers). The runner asks glibc once, process-wide, to keep such blocks on its heap for
-reuse (`reuse_freed_memory`): measured on the released x4 network at 256 x 256, 801 -> 746 ms per step and peak RSS
+reuse (`cpu_kernels.reuse_freed_memory`): measured on the released x4 network at 256 x 256, 801 -> 746 ms per step and peak RSS
 731 -> 623 MiB.
 
 Refusal: a model this runner cannot run exactly (an op type without a converter, a `bdm` node whose attributes the
@@ -20,7 +20,6 @@ function bodies and says so.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
@@ -127,18 +126,6 @@ def _timestep_rprelu(node: NodeView):
     return run
 
 
-def reuse_freed_memory() -> bool:
-    """glibc only: serve large blocks from the heap (M_MMAP_THRESHOLD) and keep freed memory for reuse
-    (M_TRIM_THRESHOLD), up to 1 GiB each; False where this is not glibc (nothing changes)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def load_kernels(threads: Optional[int] = None):
     """The CPU kernels (built on first use), or KernelsRefused saying why they cannot load here."""
     try:
@@ -177,7 +164,7 @@ class CpuKernelRunner(OnnxFileRunner):
                                  "kernels run float32 exports")
         if threads:
             torch.set_num_threads(threads)
-        reuse_freed_memory()
+        cpu_kernels.reuse_freed_memory()
         kernels = kernels if kernels is not None else load_kernels(threads)
         try:
             self.plan = ExecutionPlan(model, bdm_converters(kernels), fuse=fuse)

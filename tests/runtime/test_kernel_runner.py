@@ -2,9 +2,6 @@
 CPU kernels and with the spec's NumPy reference behind the same contract; weights prepared once; the prologue cache;
 refusals and the fallback to ONNX Runtime in one line."""
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import pytest
@@ -165,28 +162,3 @@ def test_close_releases_the_plan(small_x4_onnx):
         runner.infer(validation_feeds((1, 8, 8), [0], np.float32)[0])
     assert runner.plan is None
 
-
-FAULTS_PER_STEP = """
-import resource, sys, torch
-if sys.argv[1] == "reuse":
-    from bdm.runtime.kernel_runner import reuse_freed_memory
-    assert reuse_freed_memory()
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        torch.empty(1, 64, 256, 256).fill_(1.0)  # a 16 MB activation, written and freed
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(faults())
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_freed_activations_are_reused_without_page_faults():
-    """What the runner asks of glibc: a 16 MB activation freed and allocated again costs no new page faults (glibc's
-    default mmaps and unmaps it each time: ~4096 faults)."""
-    counts = {}
-    for mode in ("default", "reuse"):
-        out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True, check=True)
-        counts[mode] = int(out.stdout)
-    assert counts["default"] > 4 * 2000 and counts["reuse"] < 400, counts
