@@ -68,7 +68,7 @@ def validate(
     from bdm.export import registry
     from bdm.runtime.kernel_runner import comparison_runner
     from bdm.runtime.backends import trt_runner
-    from bdm.runtime.trt_backend import parse_nhw
+    from bdm.runtime.trt.profile import parse_nhw
 
     nhw = parse_nhw(shape, "--shape")
     open_engine = None if engine is None else (lambda: trt_runner(engine, plugins))

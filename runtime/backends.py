@@ -17,7 +17,7 @@ smallest/largest H and W, the dtype it computes in) and where the sampler state 
   onnxruntime-gpu offers it, else the CPU provider (the `bdm` nodes as their function bodies).
 - `CpuKernelRunner` (runtime/kernel_runner.py): an exported ONNX file on the CPU with the `bdm` nodes on the
   bit-packed CPU kernels; `onnx_runner` chooses it for `--onnx` where ONNX Runtime has no GPU.
-- `TrtRunner` (runtime/trt_backend.py, needs TensorRT): a serialized engine with the bdm plugins.
+- `TrtRunner` (runtime/trt/runner.py, needs TensorRT): a serialized engine with the bdm plugins.
 
 A runner that keeps the state on a device returns device arrays from `to_device` and `infer`; the sampler
 and the tiling use on them only slicing, item assignment (`a[j] = b[...]`, `a[...] = 0`), `*`, `+`, `-`,
@@ -243,7 +243,7 @@ def trt_runner(engine_path, plugins=None):
         raise BdmError(f"--engine {path} needs TensorRT, which is not installed here; install the "
                        "'tensorrt' extra on an NVIDIA GPU machine, or use --onnx on this one") from None
     try:
-        from bdm.runtime.trt_backend import TrtRunner
+        from bdm.runtime.trt.runner import TrtRunner
     except ImportError as e:
         raise BdmError(f"--engine {path}: the TensorRT backend cannot be loaded ({e})") from None
     return TrtRunner(path, plugins=plugins)
