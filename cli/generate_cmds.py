@@ -65,13 +65,12 @@ def generate(
                                                    "quantize with statistics of the whole call)."),
 ):
     """Sample images from an unconditional diffusion model with DDIM and write them as one grid."""
-    from bdm.cli.upscale_cmds import _make_runner
-    from bdm.runtime.backends import UNCONDITIONAL_INPUT_NAMES, require_inputs
+    from bdm.runtime.backends import UNCONDITIONAL_INPUT_NAMES, make_runner, require_inputs
     from bdm.runtime.generate import check_request, generate as run_generate
 
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
-    runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
+    runner = make_runner(engine, onnx, ckpt, config, plugins, device)
     require_inputs(runner, UNCONDITIONAL_INPUT_NAMES)  # before asking it for sampling settings
     options = _sampling_options(config, runner)
     if options["space"] != "pixel":

@@ -19,6 +19,8 @@ smallest/largest H and W, the dtype it computes in) and where the sampler state 
   bit-packed CPU kernels; `onnx_runner` chooses it for `--onnx` where ONNX Runtime has no GPU.
 - `TrtRunner` (runtime/trt/runner.py, needs TensorRT): a serialized engine with the bdm plugins.
 
+`make_runner` picks the runner of the one model given (what `bdm upscale` and `bdm generate` run).
+
 A runner that keeps the state on a device returns device arrays from `to_device` and `infer`; the sampler
 and the tiling use on them only slicing, item assignment (`a[j] = b[...]`, `a[...] = 0`), `*`, `+`, `-`,
 `/`, `*=`, `+=`, `.clip()`, `abs()` and `.max()`, which numpy, torch and cupy arrays all provide; `t` stays
@@ -232,6 +234,22 @@ def onnx_runner(onnx_path, stream=None, threads: Optional[int] = None) -> Runner
     except KernelsRefused as e:
         print(f"bdm: {e}; running it in ONNX Runtime with the function bodies instead", file=stream or sys.stderr)
     return OrtRunner(onnx_path, threads=threads)
+
+
+def make_runner(engine=None, onnx=None, ckpt=None, config=None, plugins=None, device=None,
+                threads: Optional[int] = None) -> Runner:
+    """The runner of exactly one model: a TensorRT engine, an exported ONNX file (onnx_runner) or a checkpoint
+    (TorchRunner, its network from `config`)."""
+    chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
+    if len(chosen) != 1:
+        raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
+                       f"(bdm CPU kernels or ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
+                       + (f" ({', '.join(chosen)})" if chosen else ""))
+    if engine:
+        return trt_runner(engine, plugins=plugins)
+    if onnx:
+        return onnx_runner(onnx, threads=threads)
+    return TorchRunner(ckpt, config=config, device=device, threads=threads)
 
 
 def trt_runner(engine_path, plugins=None):
