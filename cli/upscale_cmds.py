@@ -50,7 +50,7 @@ def upscale(
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint (none
     given: the bundled demo model, x4)."""
     from bdm.runtime.backends import INPUT_NAMES, make_runner, require_inputs
-    from bdm.runtime.options import read_options, upscale_options
+    from bdm.runtime.options import OptionError, read_options, upscale_options
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
     if (ray_address or workers) and not ray:
@@ -60,7 +60,7 @@ def upscale(
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
     try:
         options = read_options(config)
-    except BdmError as e:
+    except OptionError as e:
         raise BdmError(f"--config {e}") from None
     sampling = upscale_options(options)  # a schedule bdm does not run fails before a model is loaded
     if not (engine or onnx or ckpt):
