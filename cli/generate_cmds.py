@@ -33,7 +33,8 @@ def generate(
                                                    "quantize with statistics of the whole call)."),
 ):
     """Sample images from an unconditional diffusion model with DDIM and write them as one grid."""
-    from bdm.runtime.backends import UNCONDITIONAL_INPUT_NAMES, make_runner, require_inputs
+    from bdm.contract import UNCONDITIONAL_INPUT_NAMES
+    from bdm.runtime.backends import make_runner, require_inputs
     from bdm.runtime.generate import check_request, generate as run_generate
     from bdm.runtime.options import OptionError, generate_options, set_mode
 
@@ -48,8 +49,8 @@ def generate(
     try:
         set_mode(runner, mode)
     except OptionError as e:
-        raise BdmError(f"--mode {mode}: {e}; --mode applies to --ckpt (export again with `bdm export --act-mode "
-                       f"{mode}` for this mode)") from None
+        raise BdmError(f"--mode {mode}: {e}; --mode applies to --ckpt (export again with `bdm export --mode {mode}` "
+                       f"for this mode)") from None
     settings = GenerateSettings(num=num, steps=steps, seed=seed, image_size=size or options.image_size,
                                 channels=options.channels, noise_file=noise_file, batch=batch,
                                 schedule=options.schedule)

@@ -49,7 +49,8 @@ def upscale(
 ):
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint (none
     given: the bundled demo model, x4)."""
-    from bdm.runtime.backends import INPUT_NAMES, make_runner, require_inputs
+    from bdm.contract import CONDITIONAL_INPUT_NAMES
+    from bdm.runtime.backends import make_runner, require_inputs
     from bdm.runtime.options import OptionError, read_options, upscale_options
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
@@ -79,7 +80,7 @@ def upscale(
     else:
         runner = chosen_runner(threads=threads)
         job = functools.partial(run_job, runner)
-    require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
+    require_inputs(runner, CONDITIONAL_INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
     recorded = getattr(runner, "metadata", {}).get(SCALE_KEY)
     scale = sampling.resolve_scale(scale, recorded, lambda released: print(
         f"bdm: no --scale and no scale in the config; using x{released} (the released model)", file=sys.stderr))
