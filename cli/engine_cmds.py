@@ -33,12 +33,12 @@ def build_engine(
     no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild even if this model was built before here."),
 ):
     """Build a TensorRT engine with the bdm plugins (needs TensorRT and an NVIDIA GPU)."""
-    from bdm.runtime import trt_backend
+    from bdm.runtime.trt import build
 
     # build_engine checks the model and the arguments before it needs TensorRT.
-    trt_backend.build_engine(model, engine, plugins=plugins, min_shape=min_shape, opt_shape=opt_shape,
-                             max_shape=max_shape, timing_cache=timing_cache, workspace_mb=workspace,
-                             use_cache=not no_cache, log=lambda line: typer.echo(line, err=True))
+    build.build_engine(model, engine, plugins=plugins, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
+                       timing_cache=timing_cache, workspace_mb=workspace, use_cache=not no_cache,
+                       log=lambda line: typer.echo(line, err=True))
     typer.echo(str(engine))
 
 
@@ -102,10 +102,10 @@ def _tensorrt() -> BackendReport:
     """TensorRT, a GPU, and the plugin library: found, built for which TensorRT, loadable, its creators."""
     from bdm.plugins import build as plugin_build
     from bdm.files import file_sha256
-    from bdm.runtime import trt_backend
+    from bdm.runtime.trt import environment
 
     report = BackendReport("tensorrt", "--engine", [])
-    least = ".".join(map(str, trt_backend.MIN_TENSORRT))
+    least = ".".join(map(str, environment.MIN_TENSORRT))
     try:
         import tensorrt as trt
     except ImportError:
@@ -116,12 +116,12 @@ def _tensorrt() -> BackendReport:
     else:
         report.lines.append(f"TensorRT: {trt.__version__}")
         try:
-            trt_backend.check_tensorrt_version(trt.__version__)
+            environment.check_tensorrt_version(trt.__version__)
         except BdmError:
             report.missing.append(f"TensorRT >= {least} ({trt.__version__} is installed: pip install "
                                   f"'tensorrt>={least}')")
     try:
-        trt_backend.gpu_identity()
+        environment.gpu_identity()
     except BdmError:
         report.missing.append("an NVIDIA GPU visible to PyTorch (none is: a driver and a CUDA build of PyTorch)")
     try:
@@ -145,7 +145,7 @@ def _tensorrt() -> BackendReport:
         report.lines.append(f"TensorRT plugin library: does not load: {problem}")
         report.missing.append(f"a plugin library that loads ({problem})")
     elif trt is not None:
-        creators = trt_backend.registered_bdm_creators(trt.get_plugin_registry())
+        creators = environment.registered_bdm_creators(trt.get_plugin_registry())
         report.lines.append(f"registered creators: {', '.join(creators) or 'none'}")
     else:
         report.lines.append(f"creators in the library: {_harness_creators(library)}")
@@ -156,7 +156,7 @@ def _plugin_library_problem(trt, library: Path) -> Optional[str]:
     """Why the plugin library does not load (None when it does): into TensorRT where it is installed (the major
     check, loadLibrary), else with a plain dlopen (the library needs no TensorRT to load)."""
     if trt is not None:
-        from bdm.runtime.trt_backend import load_plugins
+        from bdm.runtime.trt.environment import load_plugins
 
         try:
             load_plugins(trt, library)

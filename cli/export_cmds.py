@@ -35,15 +35,18 @@ def export(
     validate: bool = typer.Option(True, help="Compare ONNX Runtime with PyTorch before reporting success."),
     zero_weight_sign: Optional[str] = typer.Option(
         None, help="Export exact-zero latent binary weights as +1 or -1 (default: refuse them)."),
-    act_mode: Optional[str] = typer.Option(
+    mode: Optional[str] = typer.Option(
         None, help="BinaryDM only: activation steps static (stored, the default), dynamic (computed in the graph), "
                    "w1a32 (no activation quantization) or fp (latent weights); recorded in the model."),
+    act_mode: Optional[str] = typer.Option(None, hidden=True, help="The former name of --mode."),
 ):
     """Export a checkpoint to ONNX with bit-packed `bdm` custom ops and executable function bodies."""
     from bdm.export import registry
     from bdm.export.base.family import ExportOptions
 
-    options = ExportOptions(dtype=dtype, opset=opset, fused=fused, mode=act_mode, validate=validate,
+    if mode is not None and act_mode is not None and mode != act_mode:
+        raise BdmError(f"--mode {mode} and --act-mode {act_mode}: --act-mode is the former name of --mode; give one")
+    options = ExportOptions(dtype=dtype, opset=opset, fused=fused, mode=mode or act_mode, validate=validate,
                             zero_weight_sign=_zero_sign(zero_weight_sign))
     done = registry.export_checkpoint(ckpt, output, config, options, log=_err)
     summary = registry.inspect_file(done.path)
@@ -68,7 +71,7 @@ def validate(
     from bdm.export import registry
     from bdm.runtime.kernel_runner import comparison_runner
     from bdm.runtime.backends import trt_runner
-    from bdm.runtime.trt_backend import parse_nhw
+    from bdm.runtime.trt.profile import parse_nhw
 
     nhw = parse_nhw(shape, "--shape")
     open_engine = None if engine is None else (lambda: trt_runner(engine, plugins))

@@ -1,45 +1,13 @@
 """`bdm generate`: unconditional sampling (BinaryDM and other pixel-space LDM-style UNets)."""
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from bdm.contract import ACT_MODE_KEY, BINARYDM, SAMPLING_KEY
 from bdm.errors import BdmError
 from bdm.runtime.generate import GenerateSettings
-
-
-def _sampling_options(config: Optional[Path], runner) -> dict:
-    """--config first, then what `bdm export` recorded in the model, then the released (bedrooms) config."""
-    from bdm.export.binarydm.config import sampling_options
-
-    if config is not None:
-        return sampling_options(config)
-    recorded = getattr(runner, "metadata", {}).get(SAMPLING_KEY)
-    if recorded is not None:
-        return json.loads(recorded)
-    if getattr(runner, "metadata", None) is not None:
-        raise BdmError(f"{runner.describe()} records no sampling settings (not exported by this bdm for an "
-                       f"unconditional model); pass --config <the LDM YAML>")
-    return sampling_options(None)
-
-
-def _set_mode(runner, mode: Optional[str]):
-    """--mode applies to a checkpoint; an exported model carries the mode it was exported in."""
-    from bdm.export.registry import FAMILIES
-
-    model = getattr(runner, "model", None)
-    if model is not None:
-        family = FAMILIES[BINARYDM]
-        family.set_mode(model, mode or family.default_mode)
-    elif mode is not None:
-        recorded = getattr(runner, "metadata", {}).get(ACT_MODE_KEY)
-        if recorded != mode:
-            raise BdmError(f"--mode {mode}: {runner.describe()} was exported in mode {recorded}; --mode applies to "
-                           f"--ckpt (export again with `bdm export --act-mode {mode}` for this mode)")
 
 
 def generate(
@@ -65,23 +33,27 @@ def generate(
                                                    "quantize with statistics of the whole call)."),
 ):
     """Sample images from an unconditional diffusion model with DDIM and write them as one grid."""
-    from bdm.cli.upscale_cmds import _make_runner
-    from bdm.runtime.backends import UNCONDITIONAL_INPUT_NAMES, require_inputs
+    from bdm.contract import UNCONDITIONAL_INPUT_NAMES
+    from bdm.runtime.backends import make_runner, require_inputs
     from bdm.runtime.generate import check_request, generate as run_generate
+    from bdm.runtime.options import OptionError, generate_options, set_mode
 
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
-    runner = _make_runner(engine, onnx, ckpt, config, plugins, device)
+    runner = make_runner(engine, onnx, ckpt, config, plugins, device)
     require_inputs(runner, UNCONDITIONAL_INPUT_NAMES)  # before asking it for sampling settings
-    options = _sampling_options(config, runner)
-    if options["space"] != "pixel":
-        raise BdmError("this is a latent diffusion model (its first stage is an autoencoder whose decoder is not "
-                       "part of the UNet): bdm generate samples pixel-space models only")
-    _set_mode(runner, mode)
-    schedule = {"num_train_timesteps": options["timesteps"], "linear_start": options["linear_start"],
-                "linear_end": options["linear_end"]}
-    settings = GenerateSettings(num=num, steps=steps, seed=seed, image_size=size or options["image_size"],
-                                channels=options["channels"], noise_file=noise_file, batch=batch, schedule=schedule)
+    try:
+        options = generate_options(config, runner)
+    except OptionError as e:
+        raise BdmError(f"{e}; pass --config <the LDM YAML>") from None
+    try:
+        set_mode(runner, mode)
+    except OptionError as e:
+        raise BdmError(f"--mode {mode}: {e}; --mode applies to --ckpt (export again with `bdm export --mode {mode}` "
+                       f"for this mode)") from None
+    settings = GenerateSettings(num=num, steps=steps, seed=seed, image_size=size or options.image_size,
+                                channels=options.channels, noise_file=noise_file, batch=batch,
+                                schedule=options.schedule)
     check_request(runner, output, settings)
     summary = run_generate(runner, output, settings, stream=sys.stderr)
     print(summary.path)

@@ -11,50 +11,6 @@ from bdm.contract import SCALE_KEY
 from bdm.errors import BdmError
 from bdm.runtime.sampler import DEFAULT_STEPS
 
-RELEASED_SCALE = 4  # the released BI-DiffSR checkpoint most users deploy is x4
-
-
-def _options_yaml(config: Optional[Path]) -> dict:
-    """The whole official options YAML (scale and beta_schedule live beside network_g), or {}."""
-    if config is None:
-        return {}
-    import yaml
-
-    try:
-        options = yaml.safe_load(Path(config).read_text())
-    except FileNotFoundError:
-        raise BdmError(f"--config {config}: no such file; pass the official options YAML") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BdmError(f"--config {config} is not a readable YAML file ({type(e).__name__}); "
-                       "pass the official options YAML") from None
-    return options if isinstance(options, dict) else {}
-
-
-def _schedule_options(options: dict) -> dict:
-    """ddim_schedule keyword arguments from an options YAML's beta_schedule (official key names)."""
-    beta = options.get("beta_schedule") or {}
-    if beta.get("scheduler_type", "DDIM") != "DDIM" or beta.get("schedule", "linear") != "linear":
-        raise BdmError(f"beta_schedule {beta.get('scheduler_type')}/{beta.get('schedule')} is not supported; "
-                       "bdm runs the official DDIM sampler with a linear schedule")
-    names = {"n_timestep": "num_train_timesteps", "linear_start": "beta_start", "linear_end": "beta_end"}
-    return {ours: beta[theirs] for theirs, ours in names.items() if theirs in beta}
-
-
-def _make_runner(engine, onnx, ckpt, config, plugins, device, threads=None):
-    from bdm.runtime import backends
-
-    chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
-    if len(chosen) != 1:
-        raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
-                       f"(bdm CPU kernels or ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
-                       + (f" ({', '.join(chosen)})" if chosen else ""))
-    if engine:
-        return backends.trt_runner(engine, plugins=plugins)
-    if onnx:
-        return backends.onnx_runner(onnx, threads=threads)
-    return backends.TorchRunner(ckpt, config=config, device=device, threads=threads)
-
-
 def upscale(
     ctx: typer.Context,
     inputs: List[Path] = typer.Argument(
@@ -93,7 +49,9 @@ def upscale(
 ):
     """Upscale images with the multi-step diffusion sampler around an engine, ONNX model or checkpoint (none
     given: the bundled demo model, x4)."""
-    from bdm.runtime.backends import INPUT_NAMES, require_inputs
+    from bdm.contract import CONDITIONAL_INPUT_NAMES
+    from bdm.runtime.backends import make_runner, require_inputs
+    from bdm.runtime.options import OptionError, read_options, upscale_options
     from bdm.runtime.upscale import UpscaleSettings, plan_outputs, run_job
 
     if (ray_address or workers) and not ray:
@@ -101,41 +59,38 @@ def upscale(
     plan_outputs(inputs, output, fmt)  # bad paths fail before a model is loaded
     if noise_file is not None and not noise_file.is_file():
         raise BdmError(f"--noise-file {noise_file}: no such file; give a .npy written by numpy.save")
-    options = _options_yaml(config)
-    schedule = _schedule_options(options)
+    try:
+        options = read_options(config)
+    except OptionError as e:
+        raise BdmError(f"--config {e}") from None
+    sampling = upscale_options(options)  # a schedule bdm does not run fails before a model is loaded
     if not (engine or onnx or ckpt):
         from bdm.runtime import demo_model
 
         onnx = demo_model.onnx_path()
         print(f"bdm: no model given; using the bundled demo model {onnx.name} ({demo_model.SUMMARY})",
               file=sys.stderr)
-    make_runner = functools.partial(_make_runner, engine, onnx, ckpt, config, plugins, device)
-    if ray:  # each worker builds its runner from make_runner (picklable): the backend choice made here
+    chosen_runner = functools.partial(make_runner, engine, onnx, ckpt, config, plugins, device)
+    if ray:  # each worker builds its runner from chosen_runner (picklable): the backend choice made here
         from bdm.runtime.cluster import RayWorkers, ray_session
 
         ctx.with_resource(ray_session(ray_address))  # left (workers killed, Ray stopped) when the command ends
-        runner = ctx.with_resource(RayWorkers(make_runner, workers, threads, gpus=device != "cpu"))
+        runner = ctx.with_resource(RayWorkers(chosen_runner, workers, threads, gpus=device != "cpu"))
         job = runner.run_job
     else:
-        runner = make_runner(threads=threads)
+        runner = chosen_runner(threads=threads)
         job = functools.partial(run_job, runner)
-    require_inputs(runner, INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
+    require_inputs(runner, CONDITIONAL_INPUT_NAMES)  # an unconditional model would ignore cond and upscale nothing
     recorded = getattr(runner, "metadata", {}).get(SCALE_KEY)
-    if scale is None:
-        scale = options.get("scale") or recorded
-        if scale is None:
-            print(f"bdm: no --scale and no scale in the config; using x{RELEASED_SCALE} (the released model)",
-                  file=sys.stderr)
-            scale = RELEASED_SCALE
-    if recorded is not None and int(recorded) != int(scale):
+    scale = sampling.resolve_scale(scale, recorded, lambda released: print(
+        f"bdm: no --scale and no scale in the config; using x{released} (the released model)", file=sys.stderr))
+    if recorded is not None and int(recorded) != scale:
         print(f"bdm: warning: upscaling x{scale}, but {runner.describe()} was exported for x{recorded}; the output "
               f"will be poor unless the network was trained for x{scale}", file=sys.stderr)
-    if steps is None:
-        steps = (options.get("beta_schedule") or {}).get("num_inference_steps", DEFAULT_STEPS)
     settings = UpscaleSettings(
-        scale=int(scale), steps=int(steps), seed=seed, noise_file=noise_file, tile=tile, tile_overlap=tile_overlap,
-        memory_budget=memory_budget << 20 if memory_budget else None, fmt=fmt, overwrite=overwrite,
-        schedule=schedule)
+        scale=scale, steps=sampling.resolve_steps(steps), seed=seed, noise_file=noise_file, tile=tile,
+        tile_overlap=tile_overlap, memory_budget=memory_budget << 20 if memory_budget else None, fmt=fmt,
+        overwrite=overwrite, schedule=sampling.schedule)
     summary = job(inputs, output, settings)
     for path in summary.written:
         print(path)

@@ -3,9 +3,9 @@
     runner.infer({"x_t": x, "cond": c, "t": t}) -> {"eps": eps}
 
 An unconditional model (BinaryDM, `bdm generate`) takes no cond: its feeds and `input_names` are ("x_t", "t").
-Every runner names its model's inputs in `input_names`, in INPUT_NAMES order (`model_input_names` checks an ONNX
-graph's or an engine's); the runners of exported models (ONNX Runtime, TensorRT) also carry in `metadata` what
-`bdm export` recorded in the ONNX file (an engine's sidecar keeps a copy).
+Every runner names its model's inputs in `input_names`, in the contract's CONDITIONAL_INPUT_NAMES order
+(`model_input_names` checks an ONNX graph's or an engine's); the runners of exported models (ONNX Runtime,
+TensorRT) also carry in `metadata` what `bdm export` recorded in the ONNX file (an engine's sidecar keeps a copy).
 
 x_t, cond: float32 [N, 3, H, W] (H, W multiples of 8); t: int64 [N] (one timestep for the whole batch, or
 [1], broadcast); eps: float32 [N, 3, H, W]. Each runner also states what it accepts (`Limits`: batch, the
@@ -17,7 +17,9 @@ smallest/largest H and W, the dtype it computes in) and where the sampler state 
   onnxruntime-gpu offers it, else the CPU provider (the `bdm` nodes as their function bodies).
 - `CpuKernelRunner` (runtime/kernel_runner.py): an exported ONNX file on the CPU with the `bdm` nodes on the
   bit-packed CPU kernels; `onnx_runner` chooses it for `--onnx` where ONNX Runtime has no GPU.
-- `TrtRunner` (runtime/trt_backend.py, needs TensorRT): a serialized engine with the bdm plugins.
+- `TrtRunner` (runtime/trt/runner.py, needs TensorRT): a serialized engine with the bdm plugins.
+
+`make_runner` picks the runner of the one model given (what `bdm upscale` and `bdm generate` run).
 
 A runner that keeps the state on a device returns device arrays from `to_device` and `infer`; the sampler
 and the tiling use on them only slicing, item assignment (`a[j] = b[...]`, `a[...] = 0`), `*`, `+`, `-`,
@@ -36,8 +38,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from bdm.contract import CHECKPOINT_KEY, OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES
-from bdm.contract import CONDITIONAL_INPUT_NAMES as INPUT_NAMES  # every bdm input, in feed order
+from bdm.contract import CHECKPOINT_KEY, CONDITIONAL_INPUT_NAMES, OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES
 from bdm.errors import BdmError
 
 
@@ -66,7 +67,7 @@ class Runner:
 
     name = "runner"
     limits = Limits()
-    input_names = INPUT_NAMES  # or UNCONDITIONAL_INPUT_NAMES
+    input_names = CONDITIONAL_INPUT_NAMES  # or UNCONDITIONAL_INPUT_NAMES
 
     def describe(self) -> str:
         return self.name
@@ -91,19 +92,20 @@ class Runner:
 
 
 def model_input_names(inputs, outputs, what: str, fix: str) -> Tuple[str, ...]:
-    """The bdm inputs of a model (ONNX graph or TensorRT engine) with these input and output names, in INPUT_NAMES
-    order: INPUT_NAMES (conditional, BI-DiffSR) or UNCONDITIONAL_INPUT_NAMES (BinaryDM). Any other set of inputs
-    cannot be fed by bdm: BdmError naming `what`, with `fix` as the remedy."""
-    names = tuple(n for n in INPUT_NAMES if n in inputs)
-    if set(inputs) != set(names) or names not in (INPUT_NAMES, UNCONDITIONAL_INPUT_NAMES) or OUTPUT_NAME not in outputs:
+    """The bdm inputs of a model (ONNX graph or TensorRT engine) with these input and output names, in
+    CONDITIONAL_INPUT_NAMES order: CONDITIONAL_INPUT_NAMES (BI-DiffSR) or UNCONDITIONAL_INPUT_NAMES (BinaryDM). Any
+    other set of inputs cannot be fed by bdm: BdmError naming `what`, with `fix` as the remedy."""
+    names = tuple(n for n in CONDITIONAL_INPUT_NAMES if n in inputs)
+    layouts = (CONDITIONAL_INPUT_NAMES, UNCONDITIONAL_INPUT_NAMES)
+    if set(inputs) != set(names) or names not in layouts or OUTPUT_NAME not in outputs:
         raise BdmError(f"{what} has inputs {list(inputs)} and outputs {list(outputs)}; a bdm model has inputs "
-                       f"{list(INPUT_NAMES)} (unconditional: {list(UNCONDITIONAL_INPUT_NAMES)}) and output "
+                       f"{list(CONDITIONAL_INPUT_NAMES)} (unconditional: {list(UNCONDITIONAL_INPUT_NAMES)}) and output "
                        f"{OUTPUT_NAME!r} ({fix})")
     return names
 
 
 # What each input layout is, and the command that runs it.
-_LAYOUTS = {INPUT_NAMES: ("a conditional (BI-DiffSR)", "bdm upscale"),
+_LAYOUTS = {CONDITIONAL_INPUT_NAMES: ("a conditional (BI-DiffSR)", "bdm upscale"),
             UNCONDITIONAL_INPUT_NAMES: ("an unconditional (BinaryDM)", "bdm generate")}
 
 
@@ -147,7 +149,7 @@ class TorchRunner(Runner):
             model = bdm.load_model(_check_file(ckpt, "checkpoint", "--ckpt"), config=config)
         self.model = model.eval().to(self.device)
         parameters = inspect.signature(self.model.forward).parameters
-        self.input_names = tuple(n for n in INPUT_NAMES if n in parameters)
+        self.input_names = tuple(n for n in CONDITIONAL_INPUT_NAMES if n in parameters)
         self.name = f"PyTorch ({self.device.type})"
         self.source = str(ckpt) if ckpt is not None else "in-memory model"
 
@@ -234,6 +236,22 @@ def onnx_runner(onnx_path, stream=None, threads: Optional[int] = None) -> Runner
     return OrtRunner(onnx_path, threads=threads)
 
 
+def make_runner(engine=None, onnx=None, ckpt=None, config=None, plugins=None, device=None,
+                threads: Optional[int] = None) -> Runner:
+    """The runner of exactly one model: a TensorRT engine, an exported ONNX file (onnx_runner) or a checkpoint
+    (TorchRunner, its network from `config`)."""
+    chosen = [name for name, value in (("--engine", engine), ("--onnx", onnx), ("--ckpt", ckpt)) if value]
+    if len(chosen) != 1:
+        raise BdmError("give exactly one model: --engine model.engine (TensorRT), --onnx model.onnx "
+                       f"(bdm CPU kernels or ONNX Runtime) or --ckpt ckpt.pth (PyTorch); got {len(chosen)}"
+                       + (f" ({', '.join(chosen)})" if chosen else ""))
+    if engine:
+        return trt_runner(engine, plugins=plugins)
+    if onnx:
+        return onnx_runner(onnx, threads=threads)
+    return TorchRunner(ckpt, config=config, device=device, threads=threads)
+
+
 def trt_runner(engine_path, plugins=None):
     """The TensorRT runner, imported only when asked for, so machines without TensorRT never need it."""
     path = _check_file(engine_path, "engine", "--engine")
@@ -243,7 +261,7 @@ def trt_runner(engine_path, plugins=None):
         raise BdmError(f"--engine {path} needs TensorRT, which is not installed here; install the "
                        "'tensorrt' extra on an NVIDIA GPU machine, or use --onnx on this one") from None
     try:
-        from bdm.runtime.trt_backend import TrtRunner
+        from bdm.runtime.trt.runner import TrtRunner
     except ImportError as e:
         raise BdmError(f"--engine {path}: the TensorRT backend cannot be loaded ({e})") from None
     return TrtRunner(path, plugins=plugins)

@@ -117,7 +117,8 @@ def engine_check(work: Path, plugins: Path) -> int:
 
     from bdm.errors import BdmError
     from bdm.runtime.backends import OrtRunner
-    from bdm.runtime.trt_backend import TrtRunner, build_engine
+    from bdm.runtime.trt.build import build_engine
+    from bdm.runtime.trt.runner import TrtRunner
 
     work.mkdir(parents=True, exist_ok=True)
     layers = check_layers()

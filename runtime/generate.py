@@ -20,9 +20,10 @@ from typing import Optional, TextIO
 
 import numpy as np
 
+from bdm.contract import OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES
 from bdm.errors import BdmError
 from bdm.runtime import image_io
-from bdm.runtime.backends import OUTPUT_NAME, UNCONDITIONAL_INPUT_NAMES, require_inputs
+from bdm.runtime.backends import require_inputs
 from bdm.runtime.noise import draw_noise, load_noise
 from bdm.runtime.sampler import LDM_DEFAULT_STEPS, is_finite, ldm_ddim_schedule, sample
 from bdm.runtime.upscale import NonFiniteError, Progress

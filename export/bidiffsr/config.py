@@ -6,10 +6,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from bdm.errors import BdmError
-from bdm.export.base.config import load_config
+from bdm.export.base.config import load_config, read_yaml
 
 BIDIFFSR_TYPE = "BIDiffSRUNet"
 # How the PyTorch network computes (bdm.export.bidiffsr.network.set_mode):
@@ -115,7 +113,7 @@ def options_scale(config) -> Optional[int]:
     """The top-level `scale` of an options YAML (the network does not know its upscaling factor), or None."""
     if not isinstance(config, (str, Path)):
         return None
-    options = yaml.safe_load(Path(config).read_text())  # the model was loaded from it already
+    options = read_yaml(config)  # the model was loaded from it already
     scale = options.get("scale") if isinstance(options, dict) else None
     return scale if isinstance(scale, int) and not isinstance(scale, bool) else None
 

@@ -155,7 +155,7 @@ def export_checkpoint(ckpt, output: Path, config, model: nn.Module, options: Exp
     """`bdm export` of a loaded BI-DiffSR checkpoint (registry.export_checkpoint): sign-0 weights resolved or
     refused, exported, and (options.validate) compared with PyTorch before `output` is written; returns the report."""
     if options.mode is not None:
-        raise BdmError(f"--act-mode applies to BinaryDM checkpoints; {ckpt} is a BI-DiffSR checkpoint")
+        raise BdmError(f"--mode applies to BinaryDM checkpoints; {ckpt} is a BI-DiffSR checkpoint")
     zero_sign = options.zero_weight_sign
     resolved = resolve_sign_zeros(bidiffsr.sign_sources, model, zero_sign, f"checkpoint {ckpt}")
     if resolved:

@@ -161,7 +161,7 @@ def _swap(mode: str):
 
 def _check_arguments(mode: str, opset: int):
     if mode not in MODES:
-        raise BdmError(f"--act-mode {mode} is not a BinaryDM mode; choose one of {list(MODES)}")
+        raise BdmError(f"--mode {mode} is not a BinaryDM mode; choose one of {list(MODES)}")
     check_options("fp32", opset)
 
 

@@ -1,5 +1,5 @@
 """BinaryDM through the console script: `bdm export` of the official UNet golden (refused for its exact-zero weight,
-then exported with --zero-weight-sign in a chosen --act-mode and validated), `bdm inspect` and `bdm validate` on
+then exported with --zero-weight-sign in a chosen --mode and validated), `bdm inspect` and `bdm validate` on
 the file, and `bdm generate --onnx` against `bdm generate --ckpt` on the same noise."""
 
 import subprocess
@@ -28,7 +28,7 @@ def one_error_line(result):
 def exported(bdm_ref, tmp_path_factory):
     out = tmp_path_factory.mktemp("binarydm") / "unet_w1a32.onnx"
     result = run_bdm("export", bdm_ref / f"{CASE}.pt", out, "--config", bdm_ref / f"{CASE}.json",
-                     "--act-mode", "w1a32", "--zero-weight-sign", "+1")
+                     "--mode", "w1a32", "--zero-weight-sign", "+1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     return out, result.stderr
@@ -76,7 +76,9 @@ def test_generate_with_onnx_runtime_matches_pytorch(exported, bdm_ref, tmp_path)
 
 @pytest.mark.parametrize("args, text", [
     ([], "basis 1); pass --zero-weight-sign +1 or -1"),
-    (["--zero-weight-sign", "+1", "--act-mode", "w2a4"], "--act-mode w2a4 is not a BinaryDM mode"),
+    (["--zero-weight-sign", "+1", "--mode", "w2a4"], "--mode w2a4 is not a BinaryDM mode"),
+    (["--zero-weight-sign", "+1", "--act-mode", "w2a4"], "--mode w2a4 is not a BinaryDM mode"),  # the former name
+    (["--mode", "static", "--act-mode", "fp"], "--act-mode is the former name of --mode; give one"),
     (["--zero-weight-sign", "+1", "--dtype", "fp16"], "fp16"),
 ])
 def test_bad_exports_are_one_line_without_a_file(bdm_ref, tmp_path, args, text):
@@ -87,10 +89,10 @@ def test_bad_exports_are_one_line_without_a_file(bdm_ref, tmp_path, args, text):
     assert not out.exists() and not list(tmp_path.glob(".*.part"))
 
 
-def test_act_mode_is_refused_for_bi_diffsr(bi_ref, tmp_path):
+def test_mode_is_refused_for_bi_diffsr(bi_ref, tmp_path):
     line = one_error_line(run_bdm("export", bi_ref / "ckpt_small_x4.pth", tmp_path / "o.onnx", "--config",
-                                  bi_ref / "ckpt_small_x4.yml", "--act-mode", "static"))
-    assert "--act-mode applies to BinaryDM" in line
+                                  bi_ref / "ckpt_small_x4.yml", "--mode", "static"))
+    assert "--mode applies to BinaryDM" in line
 
 
 def test_validate_with_an_engine_needs_tensorrt(exported, bdm_ref, tmp_path):

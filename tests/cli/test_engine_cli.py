@@ -9,7 +9,7 @@ import subprocess
 import onnx
 import pytest
 
-from bdm.runtime.trt_backend import INSTALL_TENSORRT
+from bdm.runtime.trt.environment import INSTALL_TENSORRT
 
 no_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
                                  reason="TensorRT is installed here")

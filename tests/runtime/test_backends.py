@@ -1,8 +1,14 @@
-"""The ONNX Runtime path of an exported file (backends.OrtRunner, the CPU fallback of the bdm kernels): the packed
-weights are expanded once, when the session is created, not on every call."""
+"""The runner interface (backends.Runner's lifecycle, model_input_names) and the ONNX Runtime path of an exported
+file (backends.OrtRunner, the CPU fallback of the bdm kernels): the packed weights are expanded once, when the session
+is created, not on every call."""
 
 import onnx
 import onnxruntime as ort
+import pytest
+
+from bdm.contract import CONDITIONAL_INPUT_NAMES, UNCONDITIONAL_INPUT_NAMES
+from bdm.errors import BdmError
+from bdm.runtime.backends import Runner, model_input_names
 
 
 def test_onnxruntime_folds_every_weight_expansion_when_the_session_is_created(small_x4_onnx, tmp_path):
@@ -23,3 +29,37 @@ def test_onnxruntime_folds_every_weight_expansion_when_the_session_is_created(sm
     wheres = [n for n in graph.node if n.op_type == "Where"]
     assert len(wheres) == 56
     assert all(producers[n.input[0]].op_type == "GreaterOrEqual" and n.input[1] not in initializers for n in wheres)
+
+
+@pytest.mark.parametrize("inputs, names", [
+    (["t", "cond", "x_t"], CONDITIONAL_INPUT_NAMES),     # engine order does not matter: the contract's order
+    (["x_t", "cond", "t"], CONDITIONAL_INPUT_NAMES),
+    (["t", "x_t"], UNCONDITIONAL_INPUT_NAMES),
+])
+def test_model_input_names_in_input_names_order(inputs, names):
+    assert model_input_names(inputs, ["eps"], "engine e.engine", "rebuild it") == names
+
+
+@pytest.mark.parametrize("inputs, outputs", [
+    (["x_t", "cond"], ["eps"]),                          # no t
+    (["x_t", "cond", "t", "extra"], ["eps"]),            # an input bdm cannot feed
+    (["x_t"], ["eps"]),
+    (["x_t", "t"], ["y"]),                               # no eps
+])
+def test_model_input_names_refuses_other_layouts(inputs, outputs):
+    with pytest.raises(BdmError) as err:
+        model_input_names(inputs, outputs, "engine e.engine", "rebuild it")
+    assert str(err.value) == (f"engine e.engine has inputs {inputs} and outputs {outputs}; a bdm model has inputs "
+                              "['x_t', 'cond', 't'] (unconditional: ['x_t', 't']) and output 'eps' (rebuild it)")
+
+
+def test_runners_are_context_managers_that_close():
+    closed = []
+
+    class Holder(Runner):
+        def close(self):
+            closed.append(self)
+
+    with Holder() as runner:
+        pass
+    assert closed == [runner]

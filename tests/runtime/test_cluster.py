@@ -8,15 +8,15 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from bdm.cli.upscale_cmds import _make_runner
 from bdm.errors import BdmError
+from bdm.runtime.backends import make_runner
 from bdm.runtime.cluster import RayWorkers, cpu_layout
 from bdm.runtime.upscale import UpscaleSettings, run_job
 
 
 def _onnx_factory(onnx):
     """The factory the command line builds its runners with, for an ONNX model."""
-    return functools.partial(_make_runner, None, onnx, None, None, None, None)
+    return functools.partial(make_runner, None, onnx, None, None, None, None)
 
 
 @pytest.fixture
