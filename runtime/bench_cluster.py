@@ -39,10 +39,10 @@ def _write_images(folder: Path, count: int, size: int):
 
 def _plain_process(onnx, files, out, settings, barrier, seconds):
     """One process without Ray: load, warm up on one image, wait for the others, time its share."""
-    from bdm.runtime.backends import OrtRunner
+    from bdm.runtime.backends import onnx_runner
     from bdm.runtime.upscale import run_job
 
-    runner = OrtRunner(onnx, threads=1)
+    runner = onnx_runner(onnx, threads=1)
     run_job(runner, files[:1], out, settings, io.StringIO())
     barrier.wait()
     started = time.perf_counter()
@@ -67,12 +67,12 @@ def _plain_rate(onnx: Path, folder: Path, out: Path, settings, processes: int) -
 
 def measure(onnx: Path, images: int, steps: int, size: int, rounds: int, stream=sys.stdout) -> dict:
     """{(kind, workers): [images per second of each round]}; prints a line per measurement and the table."""
-    from bdm.runtime.backends import OrtRunner
+    from bdm.runtime.backends import onnx_runner
     from bdm.runtime.cluster import RayWorkers, ray_session
     from bdm.runtime.upscale import UpscaleSettings
 
     settings = UpscaleSettings(scale=4, steps=steps, seed=0, overwrite=True)
-    make_runner = functools.partial(OrtRunner, onnx)
+    make_runner = functools.partial(onnx_runner, onnx)  # what `bdm upscale --onnx` runs
     rates = {(kind, n): [] for kind in ("ray", "plain") for n in WORKER_COUNTS}
     with tempfile.TemporaryDirectory() as tmp, ray_session():
         tmp = Path(tmp)
@@ -93,7 +93,7 @@ def measure(onnx: Path, images: int, steps: int, size: int, rounds: int, stream=
                 print(f"round {round_}, {workers} x 1 thread: Ray {rates['ray', workers][-1]:.3f} images/s, plain "
                       f"processes {rates['plain', workers][-1]:.3f} images/s", file=stream, flush=True)
     median = {key: statistics.median(values) for key, values in rates.items()}
-    print(f"\n{images} images {size}x{size} -> {4 * size}x{4 * size}, {steps} DDIM steps, ONNX Runtime (CPU), "
+    print(f"\n{images} images {size}x{size} -> {4 * size}x{4 * size}, {steps} DDIM steps, the --onnx runner (bdm CPU kernels), "
           f"model {onnx.name}; median of {rounds} rounds", file=stream)
     print("| workers x threads | Ray images/s | vs 1 worker | plain processes images/s | vs 1 process |\n"
           "|---|---|---|---|---|", file=stream)
